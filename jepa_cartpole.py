@@ -1,0 +1,702 @@
+"""
+jepa_cartpole.py: a Joint-Embedding Predictive Architecture (JEPA) that trains a PPO agent on pixel Cart Pole.
+
+A single-file reference implementation of
+    Kenneweg, Kenneweg & Hammer, "JEPA for RL: Investigating Joint-Embedding Predictive Architectures
+    for Reinforcement Learning", ESANN 2025 (arXiv 2504.16591).
+
+The paper's claim: a vision transformer trained with a JEPA loss (predict the embedding of the *next* frames
+from the embedding of the current frames, in latent space, never in pixels) learns a compact state s_x that a
+PPO agent can act on; the JEPA loss alone collapses (every image -> the same embedding), and either the RL
+gradients or a variance regulariser prevent that.
+
+    frames f(t-2) f(t-1) f(t)                  frames f(t-1) f(t) f(t+1)
+              |                                           |
+     x-encoder (ViT, CLS token)  --- EMA of weights -->  y-encoder (same ViT, no gradient)
+              |                                           |
+             s_x  --+--> actor  (PPO policy)             s_y
+              |     +--> critic (PPO value)               |
+              |                                           |
+     predictor(s_x, action) ------- Eq. 1: || pred - s_y ||^2 -------+
+     Eq. 2: -min(1, mean batch variance of s_x)   (collapse guard)
+     Eq. 3: total = actor + critic + JEPA (+ regulariser)
+
+The paper's four configurations (Section 3, Figure 3):
+    python jepa_cartpole.py --no-jepa --rl-grad    --no-reg   # 1: baseline, encoder trained by PPO only
+    python jepa_cartpole.py --jepa    --rl-grad    --no-reg   # 2: JEPA + RL gradients (the paper's best)
+    python jepa_cartpole.py --jepa    --no-rl-grad --no-reg   # 3: JEPA only: collapses
+    python jepa_cartpole.py --jepa    --no-rl-grad --reg      # 4: JEPA + regulariser: no collapse, slower
+and the default set-up command of the README:
+    python jepa_cartpole.py --jepa --rl-grad --reg
+
+Read it top to bottom: settings -> pixel Cart Pole -> ViT x-encoder -> EMA y-encoder -> predictor ->
+losses (Eq. 1-3) -> gradient propagation -> PPO -> the training loop. Shape comments use
+B = batch, N = number of envs, T = rollout length, F = 3 frames, P = patches per frame, D = embedding width.
+"""
+
+import argparse
+import copy
+import csv
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ======================================================================================================
+# 1. Settings
+# ======================================================================================================
+# Everything the paper fixes has the paper's value as its default (d = 64, tau = 0.99, the three switches,
+# 100k steps). Everything it leaves open (image size, ViT size, PPO settings) is our choice, explained in the
+# flag's help text.
+
+CONFIGURATIONS_HELP = """
+the paper's four configurations (Section 3):
+  1  --no-jepa --rl-grad    --no-reg   baseline: encoder trained by the actor/critic losses only
+  2  --jepa    --rl-grad    --no-reg   JEPA + RL gradients: the paper's best
+  3  --jepa    --no-rl-grad --no-reg   JEPA only: the encoder collapses
+  4  --jepa    --no-rl-grad --reg      JEPA + variance regulariser: no collapse, learns more slowly
+the other four switch combinations run too (they are not in the paper).
+"""
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        description="JEPA + PPO on pixel Cart Pole (Kenneweg et al., ESANN 2025).",
+        epilog=CONFIGURATIONS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bool_flag = argparse.BooleanOptionalAction
+    # --- the paper's three switches
+    p.add_argument("--jepa", action=bool_flag, default=True,
+                   help="add the JEPA loss of Eq. 1 to the encoder's training signal")
+    p.add_argument("--rl-grad", action=bool_flag, default=True,
+                   help="let actor and critic gradients flow into the x-encoder (--no-rl-grad detaches s_x)")
+    p.add_argument("--reg", action=bool_flag, default=False,
+                   help="add the variance regulariser of Eq. 2 (off unless asked for, as in configs 1-3)")
+    # --- the run
+    p.add_argument("--seed", type=int, default=1, help="seeds torch, numpy and the environments")
+    p.add_argument("--total-steps", type=int, default=100_000,
+                   help="environment steps, summed over all envs (the paper plots the first 100k)")
+    p.add_argument("--num-envs", type=int, default=16,
+                   help="parallel Cart Poles; more envs = bigger, cheaper batches for the network")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads; 0 keeps torch's default (one per core)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="run folder; default runs/<jepa|nojepa>-<rlgrad|norlgrad>-<reg|noreg>-seed<k>")
+    p.add_argument("--overwrite", action="store_true", help="allow writing into an existing non-empty --out")
+    p.add_argument("--renderer", choices=["numpy", "gymnasium"], default="numpy",
+                   help="numpy: our fast vectorised drawing; gymnasium: gymnasium's own pygame rgb_array "
+                        "render, cropped and downsampled the same way (slow, for checking)")
+    # --- pixels and the ViT (the paper fixes only d = 64)
+    p.add_argument("--image-height", type=int, default=16,
+                   help="rows of the grayscale frame; the crop keeps the band where cart and pole live")
+    p.add_argument("--image-width", type=int, default=64,
+                   help="columns of the grayscale frame; the full 4.8-unit track is always visible")
+    p.add_argument("--patch-size", type=int, default=8, help="square patch side in pixels")
+    p.add_argument("--embed-dim", type=int, default=64, help="d, the width of s_x (paper: 64)")
+    p.add_argument("--depth", type=int, default=2, help="transformer blocks in each encoder")
+    p.add_argument("--heads", type=int, default=4, help="attention heads per block")
+    p.add_argument("--mlp-ratio", type=int, default=2, help="hidden width of the block MLP, in units of d")
+    p.add_argument("--predictor-hidden", type=int, default=128, help="hidden width of the two-layer predictor")
+    p.add_argument("--ema-tau", type=float, default=0.99,
+                   help="y-encoder EMA rate: theta_y <- tau*theta_y + (1-tau)*theta_x (paper: 0.99)")
+    p.add_argument("--jepa-coef", type=float, default=1.0, help="weight of Eq. 1 in Eq. 3 (paper: 1)")
+    p.add_argument("--reg-coef", type=float, default=1.0, help="weight of Eq. 2 in Eq. 3 (paper: 1)")
+    # --- PPO (CleanRL's Cart Pole defaults, except the rollout shape)
+    p.add_argument("--num-steps", type=int, default=32, help="rollout length per env between updates")
+    p.add_argument("--num-minibatches", type=int, default=4, help="minibatches per epoch")
+    p.add_argument("--update-epochs", type=int, default=4, help="passes over each rollout")
+    p.add_argument("--learning-rate", type=float, default=2.5e-4, help="Adam learning rate (start value)")
+    p.add_argument("--anneal-lr", action=bool_flag, default=True, help="decay the learning rate linearly to 0")
+    p.add_argument("--gamma", type=float, default=0.99, help="discount factor")
+    p.add_argument("--gae-lambda", type=float, default=0.95, help="lambda of generalised advantage estimation")
+    p.add_argument("--clip-coef", type=float, default=0.2, help="PPO ratio clipping")
+    p.add_argument("--ent-coef", type=float, default=0.01, help="entropy bonus weight")
+    p.add_argument("--vf-coef", type=float, default=0.5, help="value loss weight")
+    p.add_argument("--max-grad-norm", type=float, default=0.5, help="gradient clipping (total norm)")
+    return p
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # Bad input is refused here, before anything is written.
+    if args.image_height % args.patch_size or args.image_width % args.patch_size:
+        parser.error(f"--patch-size {args.patch_size} must divide --image-height {args.image_height} "
+                     f"and --image-width {args.image_width}")
+    if args.embed_dim % args.heads:
+        parser.error(f"--heads {args.heads} must divide --embed-dim {args.embed_dim}")
+    for name in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "total_steps", "depth"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if not 0.0 <= args.ema_tau <= 1.0:
+        parser.error("--ema-tau must lie in [0, 1]")
+
+    # Derived sizes, all in one place (CleanRL style).
+    args.batch_size = args.num_envs * args.num_steps                 # transitions per rollout
+    if args.batch_size % args.num_minibatches:
+        parser.error(f"--num-minibatches {args.num_minibatches} must divide the batch "
+                     f"--num-envs x --num-steps = {args.batch_size}")
+    if args.total_steps < args.batch_size:
+        parser.error(f"--total-steps {args.total_steps} is smaller than one rollout "
+                     f"(--num-envs x --num-steps = {args.batch_size})")
+    args.minibatch_size = args.batch_size // args.num_minibatches
+    args.num_updates = math.ceil(args.total_steps / args.batch_size)  # whole rollouts, at least total-steps
+    args.patches_per_frame = (args.image_height // args.patch_size) * (args.image_width // args.patch_size)
+    args.tokens = 1 + 3 * args.patches_per_frame                      # CLS + the patches of 3 frames
+
+    if args.out is None:
+        args.out = Path("runs") / (f"{'jepa' if args.jepa else 'nojepa'}-{'rlgrad' if args.rl_grad else 'norlgrad'}"
+                                   f"-{'reg' if args.reg else 'noreg'}-seed{args.seed}")
+    if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
+        parser.error(f"--out {args.out} exists and is not empty; pick another --out or pass --overwrite")
+    if args.device == "auto":
+        args.device = ("cuda" if torch.cuda.is_available()
+                       else "mps" if torch.backends.mps.is_available() else "cpu")
+    return args
+
+
+# ======================================================================================================
+# 2. Pixel Cart Pole (paper Section 3: "Cart Pole ... using pixel observations")
+# ======================================================================================================
+# Physics: gymnasium's CartPole-v1, natively vectorised. The agent never sees its 4-number state; we only use
+# the state to *draw* the frame. Our renderer draws the same scene as gymnasium's own rgb_array renderer
+# (a 600 x 400 screen showing 4.8 world units of track), but straight at the network's resolution and only
+# the band of the screen where cart and pole can be: the sky above and the floor below carry no information.
+
+SCREEN_WIDTH = 600.0                    # gymnasium's screen, in screen pixels
+SCREEN_HEIGHT = 400.0
+SCALE = SCREEN_WIDTH / 4.8              # screen pixels per world unit (world width = 2 * x_threshold)
+CART_HALF_WIDTH, CART_HALF_HEIGHT = 25.0, 15.0
+CART_Y = 100.0                          # cart centre (gymnasium calls it "carty"); the track line is here
+AXLE_Y = CART_Y + CART_HALF_HEIGHT / 2  # the pole's pivot, 7.5 px above the cart centre
+POLE_HALF_WIDTH = 5.0
+POLE_LENGTH = SCALE * 1.0               # 2 * half-length 0.5 -> 125 px; drawn from -5 px to 120 px
+AXLE_RADIUS = 5.0
+CROP_BOTTOM = 80.0                      # screen y of the frame's bottom edge (just under the cart)
+# Grayscale (ITU-R 601 luma) of gymnasium's colours: white sky, black cart and track, brown pole, blue axle.
+SKY, CART_GRAY, POLE_GRAY, AXLE_GRAY = 255.0, 0.0, 161.0, 139.2
+
+
+def box_coverage(offset, low, high, pixel):
+    """Fraction of a pixel of width `pixel`, centred at `offset`, that lies inside [low, high].
+
+    This is exact anti-aliasing (a box filter) for an edge aligned with the pixel grid: sub-pixel motion of
+    the cart changes the gray level of its edge pixels, so the network can see motion smaller than a pixel.
+    """
+    return np.clip((np.minimum(offset + pixel / 2, high) - np.maximum(offset - pixel / 2, low)) / pixel, 0.0, 1.0)
+
+
+def render_frames(states, height, width):
+    """Draw Cart Pole frames from physics states, vectorised over envs.
+
+    states: (N, 4) float array [x, x_dot, theta, theta_dot]. Returns (N, height, width) uint8 grayscale,
+    white sky, dark objects, row 0 at the top, exactly the scene gymnasium draws (cropped, downsampled).
+    """
+    n = states.shape[0]
+    pixel = SCREEN_WIDTH / width                                   # screen pixels per image pixel
+    top = CROP_BOTTOM + height * pixel                             # screen y of the frame's top edge
+    xs = ((np.arange(width) + 0.5) * pixel).astype(np.float32)    # (W,) pixel-centre screen x
+    ys = (top - (np.arange(height) + 0.5) * pixel).astype(np.float32)  # (H,) pixel-centre screen y (y up)
+    cart_x = (states[:, 0] * SCALE + SCREEN_WIDTH / 2).astype(np.float32)  # (N,)
+    theta = states[:, 2].astype(np.float32)                        # (N,) radians, positive = leaning right
+
+    image = np.full((n, height, width), SKY, dtype=np.float32)    # (N, H, W)
+
+    def paint(coverage, gray):  # alpha-composite one shape, in gymnasium's drawing order
+        image[:] = image + coverage * (gray - image)
+
+    # Cart: an axis-aligned box, so its coverage is the product of two 1-D coverages.
+    dx = xs[None, :] - cart_x[:, None]                                                   # (N, W)
+    paint(box_coverage(dx, -CART_HALF_WIDTH, CART_HALF_WIDTH, pixel)[:, None, :]          # (N, 1, W)
+          * box_coverage(ys - CART_Y, -CART_HALF_HEIGHT, CART_HALF_HEIGHT, pixel)[None, :, None], CART_GRAY)
+    # Pole: the same box test in the pole's own rotated frame (along / across the pole).
+    dx = dx[:, None, :]                                                                   # (N, 1, W)
+    dy = (ys - AXLE_Y)[None, :, None]                                                     # (1, H, 1)
+    sin, cos = np.sin(theta)[:, None, None], np.cos(theta)[:, None, None]                 # (N, 1, 1)
+    along = dx * sin + dy * cos                                                           # (N, H, W)
+    across = dx * cos - dy * sin                                                          # (N, H, W)
+    paint(box_coverage(along, -POLE_HALF_WIDTH, POLE_LENGTH - POLE_HALF_WIDTH, pixel)
+          * box_coverage(across, -POLE_HALF_WIDTH, POLE_HALF_WIDTH, pixel), POLE_GRAY)
+    # Axle: a disc of radius 5 px; a one-pixel ramp on its distance is close enough at this size.
+    paint(np.clip((AXLE_RADIUS - np.sqrt(dx * dx + dy * dy)) / pixel + 0.5, 0.0, 1.0), AXLE_GRAY)
+    # Track: gymnasium's one-screen-pixel horizontal line at y = 100, drawn last.
+    paint(box_coverage(ys - CART_Y, 0.0, 1.0, pixel)[None, :, None], CART_GRAY)
+    return np.rint(image).astype(np.uint8)
+
+
+class GymnasiumRenderer:
+    """gymnasium's own rgb_array renderer, reduced to our frame: grayscale, same crop, box-downsampled.
+
+    Slow (a pygame drawing of 600 x 400 pixels per frame); it is here to check `render_frames` against it
+    (see the tests) and to train on it with --renderer gymnasium if you want to be sure.
+    """
+
+    def __init__(self, height, width):
+        from gymnasium.envs.classic_control.cartpole import CartPoleEnv
+        self.env = CartPoleEnv(render_mode="rgb_array")
+        self.env.reset(seed=0)
+        pixel = SCREEN_WIDTH / width
+        # Screen row r covers screen y in [399 - r, 400 - r) (gymnasium flips y before returning the image).
+        row_top = SCREEN_HEIGHT - (CROP_BOTTOM + height * pixel)
+        self.rows = (int(round(row_top)), int(round(SCREEN_HEIGHT - CROP_BOTTOM)))
+        self.down_rows = self.box_downsample_matrix(self.rows[1] - self.rows[0], height)  # (H, rows)
+        self.down_cols = self.box_downsample_matrix(int(SCREEN_WIDTH), width)             # (W, 600)
+
+    @staticmethod
+    def box_downsample_matrix(n_in, n_out):
+        """(n_out, n_in) matrix averaging each output pixel's share of input pixels (works for any ratio)."""
+        edges = np.linspace(0, n_in, n_out + 1)
+        lo, hi = edges[:-1, None], edges[1:, None]
+        i = np.arange(n_in)[None, :]
+        overlap = np.clip(np.minimum(hi, i + 1) - np.maximum(lo, i), 0, None)
+        return overlap / overlap.sum(1, keepdims=True)
+
+    def __call__(self, states):
+        frames = []
+        for state in states:
+            self.env.state = np.asarray(state, dtype=np.float64)
+            rgb = self.env.render().astype(np.float32)                      # (400, 600, 3)
+            gray = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)  # (400, 600)
+            crop = gray[self.rows[0]:self.rows[1]]                          # (rows, 600)
+            frames.append(self.down_rows @ crop @ self.down_cols.T)         # (H, W)
+        return np.rint(np.stack(frames)).astype(np.uint8)                   # (N, H, W)
+
+
+def push_frame(windows, frames, episode_start):
+    """Slide each env's 3-frame window forward by one frame.
+
+    windows: (N, 3, H, W) uint8, [f(t-2), f(t-1), f(t)];  frames: (N, H, W), f(t+1);
+    episode_start: (N,) bool. Returns [f(t-1), f(t), f(t+1)]. Where a new episode starts there is no past to
+    show, so its first frame is repeated three times: a window never mixes two episodes.
+    """
+    new = np.concatenate([windows[:, 1:], frames[:, None]], axis=1)  # (N, 3, H, W)
+    new[episode_start] = frames[episode_start, None]
+    return new
+
+
+def step_pixels(envs, actions, window, autoreset, render):
+    """One step of N pixel Cart Poles, with gymnasium 1.x "next-step" autoreset handled.
+
+    After an episode ends, gymnasium's NEXT step() ignores the action and returns the first observation of a
+    new episode, with reward 0. `autoreset` (N,) bool marks those envs (the previous step ended their
+    episode): their new frame starts a fresh window, and the step is not a real transition (valid = False).
+    Returns (window, reward, terminated, episode_end, valid); episode_end = terminated OR truncated.
+    """
+    states, reward, terminated, truncated, _ = envs.step(actions)
+    window = push_frame(window, render(states), episode_start=autoreset)
+    return window, reward, terminated, terminated | truncated, ~autoreset
+
+
+# ======================================================================================================
+# 3. Input and x-encoder (paper Section 2, "Input and Encoder" and "Learning Objective")
+# ======================================================================================================
+# A small vision transformer. The patch embeddings of all three frames enter ONE transformer together, so
+# attention can compare the cart in f(t-2) with the cart in f(t): that is where velocity comes from. Each
+# token gets a positional encoding of its patch row, its patch column AND its frame index (without the frame
+# index the three frames would be an unordered set and the direction of motion would be lost). A learnable
+# CLS token is prepended; only its last-layer output, s_x (width d = 64), is used downstream.
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + Attention(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, dim, heads, mlp_ratio):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
+
+    def forward(self, x):                                                       # (B, L, D), L = 1 + 3P
+        B, L, D = x.shape
+        qkv = self.qkv(self.norm1(x)).view(B, L, 3, self.heads, D // self.heads)   # (B, L, 3, nh, hs)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)                                    # 3 x (B, nh, L, hs)
+        attended = F.scaled_dot_product_attention(q, k, v)                      # (B, nh, L, hs)
+        x = x + self.proj(attended.transpose(1, 2).reshape(B, L, D))            # (B, L, D)
+        return x + self.mlp(self.norm2(x))
+
+
+class ViTEncoder(nn.Module):
+    """Three grayscale frames -> s, the CLS token's last-layer embedding (width D)."""
+
+    def __init__(self, image_height, image_width, patch_size, dim, depth, heads, mlp_ratio, frames=3):
+        super().__init__()
+        self.rows, self.cols = image_height // patch_size, image_width // patch_size
+        # Patch embedding as a strided convolution (kernel = stride = patch), shared by all frames.
+        self.patch_embed = nn.Conv2d(1, dim, kernel_size=patch_size, stride=patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        # Learnable positional encoding, factorised into three tables that are summed per token:
+        # pos(frame f, row r, column c) = frame_pos[f] + row_pos[r] + col_pos[c].
+        self.frame_pos = nn.Parameter(torch.randn(frames, dim) * 0.02)
+        self.row_pos = nn.Parameter(torch.randn(self.rows, dim) * 0.02)
+        self.col_pos = nn.Parameter(torch.randn(self.cols, dim) * 0.02)
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+
+    def positional_encoding(self):
+        pos = (self.frame_pos[:, None, None, :]        # (F, 1, 1, D)
+               + self.row_pos[None, :, None, :]        # (1, R, 1, D)
+               + self.col_pos[None, None, :, :])       # (1, 1, C, D)  -> (F, R, C, D)
+        return pos.flatten(0, 2)                       # (F*R*C, D), in the token order below
+
+    def forward(self, windows):                                        # (B, F, H, W) uint8
+        B, Fr, H, W = windows.shape
+        # "Ink": 0 on the white sky, 1 on the black cart, so empty patches embed to (almost) nothing.
+        ink = 1.0 - windows.float().reshape(B * Fr, 1, H, W) / 255.0   # (B*F, 1, H, W)
+        x = self.patch_embed(ink)                                      # (B*F, D, R, C)
+        x = x.flatten(2).transpose(1, 2).reshape(B, Fr * self.rows * self.cols, -1)  # (B, F*R*C, D)
+        x = x + self.positional_encoding()                             # (B, 3P, D)
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)    # (B, 1+3P, D)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x[:, 0])                                      # (B, D)  s = the CLS token
+
+
+# ======================================================================================================
+# 4. y-encoder: an exponential moving average of the x-encoder (paper Section 2, "Input and Encoder")
+# ======================================================================================================
+# The y-encoder has the x-encoder's architecture and starts from the same weights (a deep copy). It reads
+# the window one step later, [f(t-1), f(t), f(t+1)], which is exactly the x-encoder's NEXT input, so s_y is
+# "the embedding of where the system went". It never receives gradients (requires_grad_(False), not in the
+# optimiser); after every optimiser step its weights follow the x-encoder's:
+#     theta_y <- tau * theta_y + (1 - tau) * theta_x,   tau = 0.99
+# A slowly moving target is what keeps BYOL-style methods (paper ref. [8]) from collapsing at once.
+
+
+def make_y_encoder(x_encoder):
+    return copy.deepcopy(x_encoder).requires_grad_(False)
+
+
+@torch.no_grad()
+def ema_update(y_encoder, x_encoder, tau):
+    y_params, x_params = list(y_encoder.parameters()), list(x_encoder.parameters())
+    # theta_y <- tau * theta_y + (1 - tau) * theta_x  (foreach: one call for all tensors, not a Python loop)
+    torch._foreach_mul_(y_params, tau)
+    torch._foreach_add_(y_params, x_params, alpha=1.0 - tau)
+
+
+# ======================================================================================================
+# 5. Predictor (paper Section 2, "Predictor")
+# ======================================================================================================
+# Intentionally shallow, so that the work of predicting is done in the embedding, not in the predictor.
+# It needs the action (the latent variable z of JEPA): the next frames depend on which way the cart was
+# pushed. The one-hot action is projected to the hidden width and added after the first layer.
+
+
+class Predictor(nn.Module):
+    def __init__(self, dim, hidden, num_actions):
+        super().__init__()
+        self.num_actions = num_actions
+        self.fc1 = nn.Linear(dim, hidden)
+        self.action_proj = nn.Linear(num_actions, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, s_x, action):                                   # (B, D), (B,) int
+        one_hot = F.one_hot(action, self.num_actions).float()         # (B, A)
+        hidden = F.relu(self.fc1(s_x) + self.action_proj(one_hot))    # (B, hidden)
+        return self.fc2(hidden)                                       # (B, D)  prediction of s_y
+
+
+# ======================================================================================================
+# 6. Losses (paper Section 2, Eq. 1-3)
+# ======================================================================================================
+
+
+def jepa_loss(s_y_pred, s_y):
+    # Eq. 1:  L_jepa = || s_y_pred - s_y ||_2^2, averaged over the batch.
+    # s_y comes from the y-encoder and carries no gradient: only the x-encoder and predictor learn from it.
+    return (s_y_pred - s_y).pow(2).sum(dim=-1).mean()
+
+
+def variance_regulariser(s_x):
+    # Eq. 2:  L_reg = - min(1, (1/d) * sum_i Var_batch(s_x)_i)
+    # Rewards spread across the batch (the opposite of collapse). Clamped at 1 because variance is unbounded:
+    # once the embeddings vary enough, the regulariser stops pushing.
+    return -torch.clamp(embedding_variance(s_x), max=1.0)
+
+
+def embedding_variance(s_x):
+    # The collapse indicator: mean over the d dimensions of the batch-wise variance; < 1e-7 means collapsed.
+    return s_x.var(dim=0).mean()
+
+
+def total_loss(actor_loss, critic_loss, l_jepa, l_reg, args):
+    # Eq. 3:  L = L_actor + L_critic + L_jepa (+ L_reg)
+    loss = actor_loss + critic_loss
+    if args.jepa:
+        loss = loss + args.jepa_coef * l_jepa
+    if args.reg:
+        loss = loss + args.reg_coef * l_reg
+    return loss
+
+
+# ======================================================================================================
+# 7. Gradient propagation (paper Section 2, "Gradient Propagation")
+# ======================================================================================================
+
+
+def rl_input(s_x, rl_grad):
+    # --rl-grad: the actor and critic losses back-propagate into the x-encoder (configs 1 and 2).
+    # --no-rl-grad: this detach cuts that path; the encoder then learns from Eq. 1 (and 2) only (configs 3, 4),
+    # while actor and critic still train on the (frozen-to-them) embedding.
+    return s_x if rl_grad else s_x.detach()
+
+
+# ======================================================================================================
+# 8. PPO actor-critic (paper Section 3: "an actor-critic-style PPO algorithm")
+# ======================================================================================================
+# Standard clipped PPO as in CleanRL, with the encoder replaced by s_x. Two small heads read s_x.
+
+
+def layer_init(layer, std=np.sqrt(2), bias=0.0):
+    nn.init.orthogonal_(layer.weight, std)
+    nn.init.constant_(layer.bias, bias)
+    return layer
+
+
+def make_heads(dim, num_actions, hidden=64):
+    actor = nn.Sequential(layer_init(nn.Linear(dim, hidden)), nn.Tanh(),
+                          layer_init(nn.Linear(hidden, num_actions), std=0.01))  # near-uniform first policy
+    critic = nn.Sequential(layer_init(nn.Linear(dim, hidden)), nn.Tanh(), layer_init(nn.Linear(hidden, 1), std=1.0))
+    return actor, critic
+
+
+def compute_gae(rewards, values, terminated, episode_end, gamma, gae_lambda):
+    """Generalised advantage estimation over a rollout.
+
+    rewards, terminated, episode_end: (T, N); values: (T+1, N), where values[t] = V(window t) and values[T]
+    is the value of the window after the rollout. episode_end = terminated OR truncated.
+    A termination (the pole fell) has no future: V(next) counts as 0. A truncation (the 500-step time limit)
+    is not a failure: the future is bootstrapped with V of the final window, which gymnasium's next-step
+    autoreset still hands us as the observation after the last step. Either way the advantage recursion stops
+    at the episode's end. Returns (advantages, returns), both (T, N).
+    """
+    advantages = torch.zeros_like(rewards)
+    next_advantage = torch.zeros_like(rewards[0])
+    for t in reversed(range(rewards.shape[0])):
+        # delta_t = r_t + gamma * V(s_{t+1}) * (1 - terminated_t) - V(s_t)
+        delta = rewards[t] + gamma * values[t + 1] * (1.0 - terminated[t]) - values[t]
+        # A_t = delta_t + gamma * lambda * (1 - episode_end_t) * A_{t+1}
+        next_advantage = delta + gamma * gae_lambda * (1.0 - episode_end[t]) * next_advantage
+        advantages[t] = next_advantage
+    return advantages, advantages + values[:-1]
+
+
+def ppo_losses(logits, new_values, actions, old_logprobs, advantages, returns, args):
+    """Actor loss (clipped surrogate minus entropy bonus) and critic loss, for one minibatch."""
+    dist = torch.distributions.Categorical(logits=logits)
+    logratio = dist.log_prob(actions) - old_logprobs
+    ratio = logratio.exp()
+    advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)  # per-minibatch normalisation
+    policy_loss = torch.max(-advantages * ratio,
+                            -advantages * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)).mean()
+    entropy = dist.entropy().mean()
+    value_loss = 0.5 * (new_values - returns).pow(2).mean()
+    with torch.no_grad():
+        approx_kl = ((ratio - 1) - logratio).mean()
+    return policy_loss, value_loss, entropy, approx_kl
+
+
+# ======================================================================================================
+# 9. Training loop (flat, CleanRL style)
+# ======================================================================================================
+
+UPDATE_COLUMNS = ["step", "jepa_loss", "reg_loss", "policy_loss", "value_loss", "entropy", "embedding_var",
+                  "approx_kl", "learning_rate", "mean_return", "sps"]
+COLLAPSE_THRESHOLD = 1e-7  # the paper's collapse indicator threshold
+
+
+def train(args):
+    # ---- set-up: seeds, folders, logs
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    device = torch.device(args.device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "config.json").write_text(json.dumps({k: str(v) if isinstance(v, Path) else v
+                                                      for k, v in vars(args).items()}, indent=2))
+    # One row per line, flushed at once: a killed run keeps everything it did.
+    episodes_file = open(args.out / "episodes.csv", "w", newline="")
+    updates_file = open(args.out / "updates.csv", "w", newline="")
+    episodes_log = csv.writer(episodes_file)
+    updates_log = csv.DictWriter(updates_file, fieldnames=UPDATE_COLUMNS)
+    episodes_log.writerow(["step", "return", "length"])
+    updates_log.writeheader()
+    episodes_file.flush()
+    updates_file.flush()
+
+    # ---- environments and renderer
+    envs = gym.make_vec("CartPole-v1", num_envs=args.num_envs, vectorization_mode="vector_entry_point")
+    num_actions = envs.single_action_space.n
+    H, W, N, T = args.image_height, args.image_width, args.num_envs, args.num_steps
+    render = GymnasiumRenderer(H, W) if args.renderer == "gymnasium" else (lambda s: render_frames(s, H, W))
+
+    # ---- networks: x-encoder, its EMA copy (y-encoder), predictor, actor and critic
+    x_encoder = ViTEncoder(H, W, args.patch_size, args.embed_dim, args.depth, args.heads, args.mlp_ratio).to(device)
+    y_encoder = make_y_encoder(x_encoder)
+    predictor = Predictor(args.embed_dim, args.predictor_hidden, num_actions).to(device)
+    actor, critic = make_heads(args.embed_dim, num_actions)
+    actor, critic = actor.to(device), critic.to(device)
+    trained = nn.ModuleList([x_encoder, predictor, actor, critic])   # the y-encoder is deliberately absent
+    optimizer = torch.optim.Adam(trained.parameters(), lr=args.learning_rate, eps=1e-5)
+
+    # ---- rollout storage. windows[t] is the x-encoder input at step t; windows[t+1] is its y-encoder target.
+    windows = torch.zeros((T + 1, N, 3, H, W), dtype=torch.uint8)    # uint8: 4x less memory than float
+    actions = torch.zeros((T, N), dtype=torch.long)
+    logprobs = torch.zeros((T, N))
+    rewards = torch.zeros((T, N))
+    values = torch.zeros((T + 1, N))
+    terminated = torch.zeros((T, N))
+    episode_end = torch.zeros((T, N))
+    valid = torch.zeros((T, N), dtype=torch.bool)
+
+    # gymnasium 1.x "next-step" autoreset (see step_pixels): the step after an episode's end is not a real
+    # transition; it is marked invalid and no loss is computed on it.
+    states, _ = envs.reset(seed=args.seed)
+    frames = render(states)
+    window = push_frame(np.zeros((N, 3, H, W), np.uint8), frames, np.ones(N, dtype=bool))  # (N, 3, H, W)
+    last_step_ended = np.zeros(N, dtype=bool)
+    episode_return, episode_length = np.zeros(N), np.zeros(N, dtype=int)
+    recent_returns = []
+    global_step = 0
+    timing = {"env_and_render": 0.0, "rollout_inference": 0.0, "update": 0.0}
+    start = time.time()
+
+    for update in range(1, args.num_updates + 1):
+        if args.anneal_lr:
+            optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - (update - 1.0) / args.num_updates)
+
+        # ---- 9a. Rollout: act with the current policy for T steps in N envs.
+        windows[0] = torch.from_numpy(window)
+        for t in range(T):
+            tick = time.perf_counter()
+            with torch.inference_mode():   # no autograd bookkeeping while acting
+                s_x = x_encoder(windows[t].to(device))                         # (N, D)
+                logits, value = actor(s_x), critic(s_x).squeeze(-1)            # (N, A), (N,)
+                dist = torch.distributions.Categorical(logits=logits)
+                action = dist.sample()                                         # (N,)
+            actions[t], logprobs[t], values[t] = action.cpu(), dist.log_prob(action).cpu(), value.cpu()
+            tock = time.perf_counter()
+            timing["rollout_inference"] += tock - tick
+
+            window, reward, term, ended, is_valid = step_pixels(envs, action.cpu().numpy(), window,
+                                                                autoreset=last_step_ended, render=render)
+            global_step += N
+            windows[t + 1] = torch.from_numpy(window)
+            valid[t] = torch.from_numpy(is_valid)
+            rewards[t] = torch.from_numpy(reward)
+            terminated[t] = torch.from_numpy(term.astype(np.float32))
+            episode_end[t] = torch.from_numpy(ended.astype(np.float32))
+            last_step_ended = ended
+
+            episode_return += reward                           # reward is 0 on an autoreset step
+            episode_length += is_valid
+            for i in np.flatnonzero(ended):
+                episodes_log.writerow([global_step, episode_return[i], episode_length[i]])
+                recent_returns.append(episode_return[i])
+                episode_return[i], episode_length[i] = 0.0, 0
+            if ended.any():
+                episodes_file.flush()
+            timing["env_and_render"] += time.perf_counter() - tock
+
+        tick = time.perf_counter()
+        with torch.inference_mode():
+            values[T] = critic(x_encoder(windows[T].to(device))).squeeze(-1).cpu()  # bootstrap value
+        advantages, returns = compute_gae(rewards, values, terminated, episode_end, args.gamma, args.gae_lambda)
+        timing["rollout_inference"] += time.perf_counter() - tick
+
+        # ---- 9b. Update: PPO + JEPA on the rollout, in minibatches.
+        tick = time.perf_counter()
+        b_windows = windows[:T].reshape(T * N, 3, H, W)         # (B, 3, H, W)  x-encoder inputs
+        b_actions, b_logprobs = actions.reshape(-1), logprobs.reshape(-1)
+        b_advantages, b_returns = advantages.reshape(-1), returns.reshape(-1)
+        valid_idx = torch.nonzero(valid.reshape(-1)).squeeze(1)  # drop the autoreset steps
+        if args.jepa:
+            # Targets s_y for the whole rollout in one pass: the y-encoder's input at step t is the x-encoder's
+            # input at t+1. Computed once per update: the EMA target moves only ~1% per optimiser step.
+            with torch.no_grad():
+                b_s_y = torch.cat([y_encoder(chunk.to(device)) for chunk in
+                                   windows[1:].reshape(T * N, 3, H, W).split(args.minibatch_size)])  # (B, D)
+
+        stats = {k: 0.0 for k in ("jepa_loss", "reg_loss", "policy_loss", "value_loss", "entropy",
+                                  "embedding_var", "approx_kl")}
+        num_minibatch_steps = 0
+        for epoch in range(args.update_epochs):
+            for mb in valid_idx[torch.randperm(len(valid_idx))].split(args.minibatch_size):
+                mb_dev = mb.to(device)
+                s_x = x_encoder(b_windows[mb].to(device))                      # (M, D)
+                # Gradient propagation switch (Section 2): the one place where --no-rl-grad acts.
+                s_rl = rl_input(s_x, args.rl_grad)
+                policy_loss, value_loss, entropy, approx_kl = ppo_losses(
+                    actor(s_rl), critic(s_rl).squeeze(-1), b_actions[mb].to(device), b_logprobs[mb].to(device),
+                    b_advantages[mb].to(device), b_returns[mb].to(device), args)
+                actor_loss = policy_loss - args.ent_coef * entropy
+                critic_loss = args.vf_coef * value_loss
+                l_jepa = (jepa_loss(predictor(s_x, b_actions[mb].to(device)), b_s_y[mb_dev])
+                          if args.jepa else torch.zeros((), device=device))
+                l_reg = variance_regulariser(s_x)
+                loss = total_loss(actor_loss, critic_loss, l_jepa, l_reg, args)
+                if not torch.isfinite(loss):
+                    episodes_file.close()
+                    updates_file.close()
+                    sys.exit(f"error: non-finite loss ({loss.item()}) at step {global_step} "
+                             f"(jepa {l_jepa.item()}, reg {l_reg.item()}, policy {policy_loss.item()}, "
+                             f"value {value_loss.item()}); the logs so far are in {args.out}")
+
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(trained.parameters(), args.max_grad_norm)
+                optimizer.step()
+                ema_update(y_encoder, x_encoder, args.ema_tau)   # after every optimiser step
+
+                for k, v in (("jepa_loss", l_jepa), ("reg_loss", l_reg), ("policy_loss", policy_loss),
+                             ("value_loss", value_loss), ("entropy", entropy),
+                             ("embedding_var", embedding_variance(s_x.detach())), ("approx_kl", approx_kl)):
+                    stats[k] += v.item()
+                num_minibatch_steps += 1
+        timing["update"] += time.perf_counter() - tick
+
+        # ---- 9c. Log one row per update and one console line.
+        elapsed = time.time() - start
+        sps = global_step / elapsed
+        mean_return = float(np.mean(recent_returns[-20:])) if recent_returns else float("nan")
+        row = {k: v / max(num_minibatch_steps, 1) for k, v in stats.items()}
+        row.update(step=global_step, learning_rate=optimizer.param_groups[0]["lr"], mean_return=mean_return,
+                   sps=sps)
+        updates_log.writerow(row)
+        updates_file.flush()
+        eta = (args.num_updates * args.batch_size - global_step) / sps
+        print(f"step {global_step:>7}/{args.num_updates * args.batch_size} | sps {sps:5.0f} | eta {eta:5.0f}s"
+              f" | return(last 20) {mean_return:6.1f} | embedding var {row['embedding_var']:.2e}"
+              f" | jepa {row['jepa_loss']:.3f}", flush=True)
+        if row["embedding_var"] < COLLAPSE_THRESHOLD:
+            print(f"warning: embedding variance {row['embedding_var']:.1e} < {COLLAPSE_THRESHOLD:g}: "
+                  "the encoder has collapsed (every input maps to the same s_x)", flush=True)
+
+    episodes_file.close()
+    updates_file.close()
+    envs.close()
+    summary = {"steps": global_step, "wall_s": time.time() - start, "sps": global_step / (time.time() - start),
+               "final_mean_return_last20": mean_return, "final_embedding_var": row["embedding_var"],
+               "timing_s": timing}
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"done: {global_step} steps in {summary['wall_s']:.0f}s ({summary['sps']:.0f} sps); "
+          f"timing {', '.join(f'{k} {v:.0f}s' for k, v in timing.items())}; logs in {args.out}")
+    return summary
+
+
+if __name__ == "__main__":
+    train(parse_args())
