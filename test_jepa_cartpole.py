@@ -129,6 +129,13 @@ def test_shapes():
     assert pred.shape == (5, D)
 
 
+def test_cls_only_last_block_gives_the_same_embedding():
+    enc = small_encoder(depth=2)
+    windows = torch.randint(0, 256, (6, 3, H, W), dtype=torch.uint8)
+    with torch.no_grad():
+        torch.testing.assert_close(enc(windows, cls_only_last_block=True), enc(windows, cls_only_last_block=False))
+
+
 def test_positional_encoding_tells_frames_apart():
     enc = small_encoder()
     pos = enc.positional_encoding().view(3, -1, D)            # (frame, patch, D)
