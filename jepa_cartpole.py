@@ -93,6 +93,17 @@ def build_parser():
     p.add_argument("--out", type=Path, default=None,
                    help="run folder; default runs/<jepa|nojepa>-<rlgrad|norlgrad>-<reg|noreg>-seed<k>")
     p.add_argument("--overwrite", action="store_true", help="allow writing into an existing non-empty --out")
+    # --- experiments (Section 3, Figure 3)
+    p.add_argument("--figure3", action="store_true",
+                   help="run the paper's 4 configurations x --seeds seeds x --total-steps, then --plot. "
+                        "Resumable: finished runs are skipped, unfinished ones redone")
+    p.add_argument("--plot", action="store_true", help="draw plots/figure3.png and its tables from --sweep-dir")
+    p.add_argument("--sweep-dir", type=Path, default=Path("runs/figure3"), help="where --figure3 keeps its runs")
+    p.add_argument("--plots-dir", type=Path, default=Path("plots"), help="where --plot writes figures and tables")
+    p.add_argument("--seeds", type=int, default=5, help="seeds per configuration for --figure3 (paper: 5)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="--figure3 runs this many runs side by side, one torch thread each (2 cores: 2)")
+    p.add_argument("--window", type=int, default=20, help="episodes in the running average of the return plot")
     p.add_argument("--benchmark-renderer", action="store_true",
                    help="time render_frames against gymnasium's own render (+ crop, downsample), then exit")
     p.add_argument("--renderer", choices=["numpy", "gymnasium"], default="numpy",
@@ -159,7 +170,9 @@ def parse_args(argv=None):
     if args.out is None:
         args.out = Path("runs") / (f"{'jepa' if args.jepa else 'nojepa'}-{'rlgrad' if args.rl_grad else 'norlgrad'}"
                                    f"-{'reg' if args.reg else 'noreg'}-seed{args.seed}")
-    if not args.benchmark_renderer and args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
+    if args.figure3 or args.plot or args.benchmark_renderer:
+        args.out = None                 # these modes write elsewhere (--sweep-dir, --plots-dir) or nothing
+    elif args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
         parser.error(f"--out {args.out} exists and is not empty; pick another --out or pass --overwrite")
     if args.device == "auto":
         args.device = ("cuda" if torch.cuda.is_available()
@@ -732,9 +745,187 @@ def train(args):
     return summary
 
 
+# ======================================================================================================
+# 10. Experiments and plots (paper Section 3, Figure 3)
+# ======================================================================================================
+# Figure 3: running average of the episodic return over the first 100k environment steps, 5 runs for each of
+# the four configurations, and the batch-wise embedding variance (the collapse indicator).
+
+FIGURE3_CONFIGS = {  # paper number: (jepa, rl_grad, reg, label)
+    1: (False, True, False, "1: no JEPA, RL gradients (baseline)"),
+    2: (True, True, False, "2: JEPA + RL gradients"),
+    3: (True, False, False, "3: JEPA, no RL gradients"),
+    4: (True, False, True, "4: JEPA + regulariser, no RL gradients"),
+}
+CONFIG_COLORS = {1: "tab:gray", 2: "tab:blue", 3: "tab:red", 4: "tab:green"}
+
+
+def run_dir(sweep_dir, config, seed):
+    jepa, rl_grad, reg, _ = FIGURE3_CONFIGS[config]
+    return sweep_dir / (f"{'jepa' if jepa else 'nojepa'}-{'rlgrad' if rl_grad else 'norlgrad'}-"
+                        f"{'reg' if reg else 'noreg'}-seed{seed}")
+
+
+def is_finished(out):
+    return (out / "summary.json").exists()   # written only after the last update
+
+
+def _sweep_worker(run_args):
+    """One run of the sweep, in its own process; its console lines go to console.log in its folder."""
+    torch.set_num_threads(1)
+    run_args.out.mkdir(parents=True, exist_ok=True)
+    with open(run_args.out / "console.log", "w") as console:
+        sys.stdout = console
+        train(run_args)
+
+
+def last_logged_step(out):
+    try:
+        with open(out / "updates.csv") as f:
+            last = f.readlines()[-1]
+        return int(last.split(",")[0])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def figure3(args):
+    """Run every (configuration, seed) that has not finished yet, `--workers` at a time, then plot."""
+    import multiprocessing
+    jobs = []
+    for config, (jepa, rl_grad, reg, _) in FIGURE3_CONFIGS.items():
+        for seed in range(1, args.seeds + 1):
+            out = run_dir(args.sweep_dir, config, seed)
+            if is_finished(out):
+                continue                                   # never overwrite a finished run
+            jobs.append(argparse.Namespace(**{**vars(args), "jepa": jepa, "rl_grad": rl_grad, "reg": reg,
+                                              "seed": seed, "out": out, "threads": 1}))
+    total_runs = len(FIGURE3_CONFIGS) * args.seeds
+    steps_per_run = args.num_updates * args.batch_size
+    print(f"figure3: {total_runs - len(jobs)}/{total_runs} runs already finished in {args.sweep_dir}; "
+          f"running {len(jobs)} with {args.workers} workers (progress: console.log in each run folder)")
+    start = time.time()
+    with multiprocessing.get_context("spawn").Pool(args.workers, maxtasksperchild=1) as pool:
+        pending = [pool.apply_async(_sweep_worker, (job,)) for job in jobs]
+        # One progress line for the whole sweep: redrawn in place on a terminal, a new line a minute in a log.
+        last_print = 0.0
+        while True:
+            done = sum(p.ready() for p in pending)
+            if done == len(jobs) or time.time() - last_print > (2 if sys.stdout.isatty() else 60):
+                last_print = time.time()
+                steps = sum(steps_per_run if p.ready() else last_logged_step(job.out)
+                            for p, job in zip(pending, jobs))
+                sps = steps / max(time.time() - start, 1e-9)
+                eta = f"{(len(jobs) * steps_per_run - steps) / sps / 60:5.1f} min" if steps else "?"
+                print(f"\rfigure3: {done}/{len(jobs)} runs done | {steps:,}/{len(jobs) * steps_per_run:,} steps | "
+                      f"{sps:4.0f} sps | {time.time() - start:5.0f}s elapsed | eta {eta}",
+                      end="" if sys.stdout.isatty() else "\n", flush=True)
+            if done == len(jobs):
+                break
+            time.sleep(1)
+        print()
+        for p in pending:
+            p.get()                                       # re-raise a failed run's error here
+    plot(args)
+
+
+def running_average_curve(episodes, grid, window):
+    """Mean return of the last `window` episodes finished by each step of `grid` (NaN before the first)."""
+    steps, returns = episodes[:, 0], episodes[:, 1]
+    cumulative = np.concatenate([[0.0], np.cumsum(returns)])
+    finished = np.searchsorted(steps, grid, side="right")            # episodes finished by each grid step
+    first = np.maximum(finished - window, 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (cumulative[finished] - cumulative[first]) / (finished - first)
+
+
+def read_csv(path):
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    return {k: np.array([float(r[k]) for r in rows]) for k in (rows[0] if rows else [])}
+
+
+def plot(args):
+    """plots/figure3.png, figure3_summary.csv and figure3_curves.csv from the finished runs in --sweep-dir."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps_per_run = args.num_updates * args.batch_size
+    grid = np.arange(args.batch_size, steps_per_run + 1, args.batch_size)     # one point per rollout
+    args.plots_dir.mkdir(parents=True, exist_ok=True)
+    fig, (ax_ret, ax_var) = plt.subplots(1, 2, figsize=(14, 5.2))
+    summary_rows, curve_rows = [], []
+    for config, (jepa, rl_grad, reg, label) in FIGURE3_CONFIGS.items():
+        runs = [run_dir(args.sweep_dir, config, s) for s in range(1, args.seeds + 1)]
+        runs = [r for r in runs if is_finished(r)]
+        if not runs:
+            continue
+        curves, variances, best, final_var, walls = [], [], [], [], []
+        for seed_dir in runs:
+            episodes = np.loadtxt(seed_dir / "episodes.csv", delimiter=",", skiprows=1, ndmin=2)
+            curve = running_average_curve(episodes, grid, args.window)
+            updates = read_csv(seed_dir / "updates.csv")
+            variance = np.interp(grid, updates["step"], updates["embedding_var"])
+            curves.append(curve)
+            variances.append(variance)
+            best.append(np.nanmax(curve))
+            final_var.append(updates["embedding_var"][-1])
+            walls.append(json.loads((seed_dir / "summary.json").read_text())["wall_s"])
+            seed = int(seed_dir.name.rsplit("seed", 1)[1])
+            curve_rows += [(config, seed, int(g), f"{c:.2f}", f"{v:.4g}") for g, c, v in zip(grid, curve, variance)]
+        curves, variances = np.array(curves), np.array(variances)
+        mean, std = np.nanmean(curves, 0), np.nanstd(curves, 0)
+        color = CONFIG_COLORS[config]
+        ax_ret.plot(grid, mean, color=color, label=f"{label} ({len(runs)} seeds)", lw=2)
+        ax_ret.fill_between(grid, mean - std, mean + std, color=color, alpha=0.2)
+        log_var = np.log10(np.maximum(variances, 1e-30))                  # band in log space for the log axis
+        ax_var.plot(grid, 10 ** log_var.mean(0), color=color, label=label, lw=2)
+        ax_var.fill_between(grid, 10 ** log_var.min(0), 10 ** log_var.max(0), color=color, alpha=0.2)
+        summary_rows.append({
+            "config": config, "jepa": int(jepa), "rl_grad": int(rl_grad), "reg": int(reg), "seeds": len(runs),
+            "return_mean": f"{mean[-1]:.1f}", "return_std": f"{std[-1]:.1f}",
+            "best_return_mean": f"{np.mean(best):.1f}", "final_embedding_var": f"{np.mean(final_var):.3g}",
+            "collapsed_seeds": int(sum(v < COLLAPSE_THRESHOLD for v in final_var)),
+            "wall_s_per_run": f"{np.mean(walls):.0f}"})
+    ax_ret.set(title=f"Figure 3a: running average of episodic return ({args.window} episodes)",
+               xlabel="environment steps", ylabel="return (steps balanced, max 500)")
+    ax_ret.text(0.01, 0.98, "line: mean over seeds; band: ±1 std across seeds", transform=ax_ret.transAxes,
+                va="top", fontsize=10)
+    ax_var.axhline(COLLAPSE_THRESHOLD, color="black", ls="--", lw=1, label="collapse threshold 1e-7")
+    ax_var.set(title="Figure 3b: batch-wise embedding variance of s_x", xlabel="environment steps",
+               ylabel="mean batch-wise variance (log)", yscale="log")
+    ax_var.text(0.01, 0.02, "line: geometric mean over seeds; band: min-max", transform=ax_var.transAxes,
+                fontsize=10)
+    for ax in (ax_ret, ax_var):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=9, loc="best")
+    fig.tight_layout()
+    fig.savefig(args.plots_dir / "figure3.png", dpi=120)
+    plt.close(fig)
+
+    columns = ["config", "jepa", "rl_grad", "reg", "seeds", "return_mean", "return_std", "best_return_mean",
+               "final_embedding_var", "collapsed_seeds", "wall_s_per_run"]
+    with open(args.plots_dir / "figure3_summary.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(summary_rows)
+    with open(args.plots_dir / "figure3_curves.csv", "w", newline="") as f:   # re-plot without retraining
+        writer = csv.writer(f)
+        writer.writerow(["config", "seed", "step", "running_avg_return", "embedding_var"])
+        writer.writerows(curve_rows)
+    print("| " + " | ".join(columns) + " |\n|" + " --- |" * len(columns))
+    for row in summary_rows:
+        print("| " + " | ".join(str(row[c]) for c in columns) + " |")
+    print(f"wrote {args.plots_dir / 'figure3.png'}, figure3_summary.csv, figure3_curves.csv")
+
+
 if __name__ == "__main__":
     args = parse_args()
     if args.benchmark_renderer:
         benchmark_renderer(args.image_height, args.image_width, args.num_envs)
+    elif args.figure3:
+        figure3(args)
+    elif args.plot:
+        plot(args)
     else:
         train(args)
