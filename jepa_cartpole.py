@@ -75,12 +75,16 @@ def build_parser():
     )
     bool_flag = argparse.BooleanOptionalAction
     # --- the paper's three switches
-    p.add_argument("--jepa", action=bool_flag, default=True,
-                   help="add the JEPA loss of Eq. 1 to the encoder's training signal")
-    p.add_argument("--rl-grad", action=bool_flag, default=True,
-                   help="let actor and critic gradients flow into the x-encoder (--no-rl-grad detaches s_x)")
-    p.add_argument("--reg", action=bool_flag, default=False,
-                   help="add the variance regulariser of Eq. 2 (off unless asked for, as in configs 1-3)")
+    # (None = not given: pixels mode then uses the default in brackets; --obs state refuses them)
+    p.add_argument("--jepa", action=bool_flag, default=None,
+                   help="add the JEPA loss of Eq. 1 to the encoder's training signal [on]")
+    p.add_argument("--rl-grad", action=bool_flag, default=None,
+                   help="let actor and critic gradients flow into the x-encoder (--no-rl-grad detaches s_x) [on]")
+    p.add_argument("--reg", action=bool_flag, default=None,
+                   help="add the variance regulariser of Eq. 2 [off, as in configs 1-3]")
+    p.add_argument("--obs", choices=["pixels", "state"], default="pixels",
+                   help="pixels: the paper's set-up. state: a reference that is not in the paper, the same PPO "
+                        "on the true 4-number state, with no encoder (so no JEPA switches)")
     # --- the run
     p.add_argument("--seed", type=int, default=1, help="seeds torch, numpy and the environments")
     p.add_argument("--total-steps", type=int, default=100_000,
@@ -104,8 +108,18 @@ def build_parser():
     p.add_argument("--workers", type=int, default=2,
                    help="--figure3 runs this many runs side by side, one torch thread each (2 cores: 2)")
     p.add_argument("--window", type=int, default=20, help="episodes in the running average of the return plot")
+    p.add_argument("--reference", action=bool_flag, default=True,
+                   help="--figure3 also runs the state-based PPO reference (--obs state), drawn dashed")
+    p.add_argument("--eval", type=Path, metavar="RUN_DIR",
+                   help="load RUN_DIR/model.pt, play --eval-episodes episodes greedily, report mean +- std")
+    p.add_argument("--eval-episodes", type=int, default=20, help="episodes for --eval")
+    p.add_argument("--gif", type=Path, metavar="RUN_DIR",
+                   help="write <plots-dir>/agent.gif: one greedy episode of RUN_DIR's agent, the full scene "
+                        "beside the three frames its encoder receives")
     p.add_argument("--benchmark-renderer", action="store_true",
                    help="time render_frames against gymnasium's own render (+ crop, downsample), then exit")
+    p.add_argument("--probe-every", type=int, default=1,
+                   help="fit the linear probe of the true state every this many updates (0: never)")
     p.add_argument("--renderer", choices=["numpy", "gymnasium"], default="numpy",
                    help="numpy: our fast vectorised drawing; gymnasium: gymnasium's own pygame rgb_array "
                         "render, cropped and downsampled the same way (slow, for checking)")
@@ -139,9 +153,26 @@ def build_parser():
     return p
 
 
+def run_name(obs, jepa, rl_grad, reg):
+    if obs == "state":
+        return "state"
+    return f"{'jepa' if jepa else 'nojepa'}-{'rlgrad' if rl_grad else 'norlgrad'}-{'reg' if reg else 'noreg'}"
+
+
 def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    switches = {"jepa": True, "rl_grad": True, "reg": False}          # pixels defaults: configuration 2
+    if args.obs == "state":
+        given = [f"--{'' if getattr(args, k) else 'no-'}{k.replace('_', '-')}" for k in switches
+                 if getattr(args, k) is not None]
+        if given:
+            parser.error(f"{' '.join(given)}: --obs state trains PPO on the true state with no encoder, "
+                         "so the JEPA switches do not apply")
+        switches = dict.fromkeys(switches, False)
+    for k, default in switches.items():
+        if getattr(args, k) is None:
+            setattr(args, k, default)
     # Bad input is refused here, before anything is written.
     if args.image_height % args.patch_size or args.image_width % args.patch_size:
         parser.error(f"--patch-size {args.patch_size} must divide --image-height {args.image_height} "
@@ -168,9 +199,8 @@ def parse_args(argv=None):
     args.tokens = 1 + 3 * args.patches_per_frame                      # CLS + the patches of 3 frames
 
     if args.out is None:
-        args.out = Path("runs") / (f"{'jepa' if args.jepa else 'nojepa'}-{'rlgrad' if args.rl_grad else 'norlgrad'}"
-                                   f"-{'reg' if args.reg else 'noreg'}-seed{args.seed}")
-    if args.figure3 or args.plot or args.benchmark_renderer:
+        args.out = Path("runs") / f"{run_name(args.obs, args.jepa, args.rl_grad, args.reg)}-seed{args.seed}"
+    if args.figure3 or args.plot or args.benchmark_renderer or args.eval or args.gif:
         args.out = None                 # these modes write elsewhere (--sweep-dir, --plots-dir) or nothing
     elif args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
         parser.error(f"--out {args.out} exists and is not empty; pick another --out or pass --overwrite")
@@ -322,11 +352,12 @@ def step_pixels(envs, actions, window, autoreset, render):
     After an episode ends, gymnasium's NEXT step() ignores the action and returns the first observation of a
     new episode, with reward 0. `autoreset` (N,) bool marks those envs (the previous step ended their
     episode): their new frame starts a fresh window, and the step is not a real transition (valid = False).
-    Returns (window, reward, terminated, episode_end, valid); episode_end = terminated OR truncated.
+    Returns (window, states, reward, terminated, episode_end, valid); episode_end = terminated OR truncated;
+    states (N, 4) is the true physics state of the newest frame (the agent sees it only with --obs state).
     """
     states, reward, terminated, truncated, _ = envs.step(actions)
     window = push_frame(window, render(states), episode_start=autoreset)
-    return window, reward, terminated, terminated | truncated, ~autoreset
+    return window, states, reward, terminated, terminated | truncated, ~autoreset
 
 
 # ======================================================================================================
@@ -376,6 +407,7 @@ class ViTEncoder(nn.Module):
 
     def __init__(self, image_height, image_width, patch_size, dim, depth, heads, mlp_ratio, frames=3):
         super().__init__()
+        self.dim = dim
         self.patch_size = patch_size
         self.rows, self.cols = image_height // patch_size, image_width // patch_size
         # Patch embedding: one linear map of a patch's p*p pixels, shared by all patches of all frames (the
@@ -429,6 +461,8 @@ def make_y_encoder(x_encoder):
 @torch.no_grad()
 def ema_update(y_encoder, x_encoder, tau):
     y_params, x_params = list(y_encoder.parameters()), list(x_encoder.parameters())
+    if not y_params:
+        return                                             # --obs state: no encoder, nothing to average
     # theta_y <- tau * theta_y + (1 - tau) * theta_x  (foreach: one call for all tensors, not a Python loop)
     torch._foreach_mul_(y_params, tau)
     torch._foreach_add_(y_params, x_params, alpha=1.0 - tau)
@@ -560,9 +594,48 @@ def ppo_losses(logits, new_values, actions, old_logprobs, advantages, returns, a
 # 9. Training loop (flat, CleanRL style)
 # ======================================================================================================
 
+STATE_NAMES = ["x", "x_dot", "theta", "theta_dot"]
 UPDATE_COLUMNS = ["step", "jepa_loss", "reg_loss", "policy_loss", "value_loss", "entropy", "embedding_var",
-                  "approx_kl", "learning_rate", "mean_return", "sps"]
+                  "approx_kl", "learning_rate", "mean_return", "sps"] + [f"probe_r2_{n}" for n in STATE_NAMES]
 COLLAPSE_THRESHOLD = 1e-7  # the paper's collapse indicator threshold
+
+
+class StateInput(nn.Module):
+    """--obs state: no encoder; the "embedding" is the true 4-number state itself."""
+    dim = 4
+
+    def forward(self, states):                                         # (B, 4)
+        return states
+
+
+def make_networks(args, num_actions, device):
+    if args.obs == "pixels":
+        x_encoder = ViTEncoder(args.image_height, args.image_width, args.patch_size, args.embed_dim, args.depth,
+                               args.heads, args.mlp_ratio)
+    else:
+        x_encoder = StateInput()
+    y_encoder = make_y_encoder(x_encoder)
+    predictor = Predictor(x_encoder.dim, args.predictor_hidden, num_actions)
+    actor, critic = make_heads(x_encoder.dim, num_actions)
+    return [net.to(device) for net in (x_encoder, y_encoder, predictor, actor, critic)]
+
+
+def linear_probe_r2(fit_s, fit_state, test_s, test_state, ridge=1e-3):
+    """R^2 of a ridge regression s -> true state, per state variable, on held-out data.
+
+    The ridge strength is absolute (in units of embedding variance): an embedding whose batch variance has
+    fallen far below it, as in collapse, is shrunk to the mean prediction and scores R^2 ~ 0.
+    """
+    if len(fit_s) < 2 or len(test_s) < 2:
+        return torch.full((fit_state.shape[1],), float("nan"))
+    s_mean, y_mean = fit_s.mean(0), fit_state.mean(0)
+    fit_x, test_x = fit_s - s_mean, test_s - s_mean                           # (n, D)
+    gram = fit_x.T @ fit_x / len(fit_x) + ridge * torch.eye(fit_x.shape[1])  # (D, D)
+    weights = torch.linalg.solve(gram, fit_x.T @ (fit_state - y_mean) / len(fit_x))  # (D, 4)
+    prediction = test_x @ weights + y_mean                                    # (m, 4)
+    residual = (test_state - prediction).pow(2).sum(0)
+    total = (test_state - test_state.mean(0)).pow(2).sum(0)
+    return 1.0 - residual / total
 
 
 def train(args):
@@ -592,16 +665,15 @@ def train(args):
     render = GymnasiumRenderer(H, W) if args.renderer == "gymnasium" else (lambda s: render_frames(s, H, W))
 
     # ---- networks: x-encoder, its EMA copy (y-encoder), predictor, actor and critic
-    x_encoder = ViTEncoder(H, W, args.patch_size, args.embed_dim, args.depth, args.heads, args.mlp_ratio).to(device)
-    y_encoder = make_y_encoder(x_encoder)
-    predictor = Predictor(args.embed_dim, args.predictor_hidden, num_actions).to(device)
-    actor, critic = make_heads(args.embed_dim, num_actions)
-    actor, critic = actor.to(device), critic.to(device)
+    x_encoder, y_encoder, predictor, actor, critic = make_networks(args, num_actions, device)
     trained = nn.ModuleList([x_encoder, predictor, actor, critic])   # the y-encoder is deliberately absent
     optimizer = torch.optim.Adam(trained.parameters(), lr=args.learning_rate, eps=1e-5)
 
     # ---- rollout storage. windows[t] is the x-encoder input at step t; windows[t+1] is its y-encoder target.
     windows = torch.zeros((T + 1, N, 3, H, W), dtype=torch.uint8)    # uint8: 4x less memory than float
+    true_states = torch.zeros((T + 1, N, 4))                         # the physics state of each window's f(t)
+    inputs = windows if args.obs == "pixels" else true_states       # what the agent observes
+    rollout_s_x = torch.zeros((T, N, x_encoder.dim))                 # s_x while acting, for the linear probe
     actions = torch.zeros((T, N), dtype=torch.long)
     logprobs = torch.zeros((T, N))
     rewards = torch.zeros((T, N))
@@ -613,8 +685,7 @@ def train(args):
     # gymnasium 1.x "next-step" autoreset (see step_pixels): the step after an episode's end is not a real
     # transition; it is marked invalid and no loss is computed on it.
     states, _ = envs.reset(seed=args.seed)
-    frames = render(states)
-    window = push_frame(np.zeros((N, 3, H, W), np.uint8), frames, np.ones(N, dtype=bool))  # (N, 3, H, W)
+    window = push_frame(np.zeros((N, 3, H, W), np.uint8), render(states), np.ones(N, dtype=bool))  # (N,3,H,W)
     last_step_ended = np.zeros(N, dtype=bool)
     episode_return, episode_length = np.zeros(N), np.zeros(N, dtype=int)
     recent_returns = []
@@ -627,22 +698,23 @@ def train(args):
             optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - (update - 1.0) / args.num_updates)
 
         # ---- 9a. Rollout: act with the current policy for T steps in N envs.
-        windows[0] = torch.from_numpy(window)
+        windows[0], true_states[0] = torch.from_numpy(window), torch.from_numpy(states)
         for t in range(T):
             tick = time.perf_counter()
             with torch.inference_mode():   # no autograd bookkeeping while acting
-                s_x = x_encoder(windows[t].to(device))                         # (N, D)
+                s_x = x_encoder(inputs[t].to(device))                          # (N, D)
                 logits, value = actor(s_x), critic(s_x).squeeze(-1)            # (N, A), (N,)
                 dist = torch.distributions.Categorical(logits=logits)
                 action = dist.sample()                                         # (N,)
             actions[t], logprobs[t], values[t] = action.cpu(), dist.log_prob(action).cpu(), value.cpu()
+            rollout_s_x[t] = s_x.cpu()
             tock = time.perf_counter()
             timing["rollout_inference"] += tock - tick
 
-            window, reward, term, ended, is_valid = step_pixels(envs, action.cpu().numpy(), window,
-                                                                autoreset=last_step_ended, render=render)
+            window, states, reward, term, ended, is_valid = step_pixels(envs, action.cpu().numpy(), window,
+                                                                        autoreset=last_step_ended, render=render)
             global_step += N
-            windows[t + 1] = torch.from_numpy(window)
+            windows[t + 1], true_states[t + 1] = torch.from_numpy(window), torch.from_numpy(states)
             valid[t] = torch.from_numpy(is_valid)
             rewards[t] = torch.from_numpy(reward)
             terminated[t] = torch.from_numpy(term.astype(np.float32))
@@ -661,13 +733,13 @@ def train(args):
 
         tick = time.perf_counter()
         with torch.inference_mode():
-            values[T] = critic(x_encoder(windows[T].to(device))).squeeze(-1).cpu()  # bootstrap value
+            values[T] = critic(x_encoder(inputs[T].to(device))).squeeze(-1).cpu()  # bootstrap value
         advantages, returns = compute_gae(rewards, values, terminated, episode_end, args.gamma, args.gae_lambda)
         timing["rollout_inference"] += time.perf_counter() - tick
 
         # ---- 9b. Update: PPO + JEPA on the rollout, in minibatches.
         tick = time.perf_counter()
-        b_windows = windows[:T].reshape(T * N, 3, H, W)         # (B, 3, H, W)  x-encoder inputs
+        b_inputs = inputs[:T].flatten(0, 1)                     # (B, 3, H, W)  x-encoder inputs
         b_actions, b_logprobs = actions.reshape(-1), logprobs.reshape(-1)
         b_advantages, b_returns = advantages.reshape(-1), returns.reshape(-1)
         valid_idx = torch.nonzero(valid.reshape(-1)).squeeze(1)  # drop the autoreset steps
@@ -684,7 +756,7 @@ def train(args):
         for epoch in range(args.update_epochs):
             for mb in valid_idx[torch.randperm(len(valid_idx))].split(args.minibatch_size):
                 mb_dev = mb.to(device)
-                s_x = x_encoder(b_windows[mb].to(device))                      # (M, D)
+                s_x = x_encoder(b_inputs[mb].to(device))                       # (M, D)
                 # Gradient propagation switch (Section 2): the one place where --no-rl-grad acts.
                 s_rl = rl_input(s_x, args.rl_grad)
                 policy_loss, value_loss, entropy, approx_kl = ppo_losses(
@@ -716,13 +788,24 @@ def train(args):
                 num_minibatch_steps += 1
         timing["update"] += time.perf_counter() - tick
 
-        # ---- 9c. Log one row per update and one console line.
+        # ---- 9c. A linear probe: how much of the true state can a linear map read from s_x? (Not in the
+        # paper; it shows what the embedding knows. Collapse reads as R^2 near 0.) Fit on half of the envs'
+        # rollout steps, scored on the other half.
+        probe = {}
+        if args.probe_every and update % args.probe_every == 0 and args.obs == "pixels":
+            half = N // 2
+            fit, held_out = valid[:, :half], valid[:, half:]
+            r2 = linear_probe_r2(rollout_s_x[:, :half][fit], true_states[:T, :half][fit],
+                                 rollout_s_x[:, half:][held_out], true_states[:T, half:][held_out])
+            probe = {f"probe_r2_{name}": f"{v:.4f}" for name, v in zip(STATE_NAMES, r2.tolist())}
+
+        # ---- 9d. Log one row per update and one console line.
         elapsed = time.time() - start
         sps = global_step / elapsed
         mean_return = float(np.mean(recent_returns[-20:])) if recent_returns else float("nan")
         row = {k: v / max(num_minibatch_steps, 1) for k, v in stats.items()}
         row.update(step=global_step, learning_rate=optimizer.param_groups[0]["lr"], mean_return=mean_return,
-                   sps=sps)
+                   sps=sps, **probe)
         updates_log.writerow(row)
         updates_file.flush()
         eta = (args.num_updates * args.batch_size - global_step) / sps
@@ -736,13 +819,16 @@ def train(args):
     episodes_file.close()
     updates_file.close()
     envs.close()
+    torch.save({name: net.state_dict() for name, net in
+                (("x_encoder", x_encoder), ("y_encoder", y_encoder), ("predictor", predictor), ("actor", actor),
+                 ("critic", critic))}, args.out / "model.pt")
     summary = {"steps": global_step, "wall_s": time.time() - start, "sps": global_step / (time.time() - start),
                "final_mean_return_last20": mean_return, "final_embedding_var": row["embedding_var"],
                "timing_s": timing}
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"done: {global_step} steps in {summary['wall_s']:.0f}s ({summary['sps']:.0f} sps); "
           f"timing {', '.join(f'{k} {v:.0f}s' for k, v in timing.items())}; logs in {args.out}")
-    return summary
+    return summary, (x_encoder, y_encoder, predictor, actor, critic)
 
 
 # ======================================================================================================
@@ -758,12 +844,6 @@ FIGURE3_CONFIGS = {  # paper number: (jepa, rl_grad, reg, label)
     4: (True, False, True, "4: JEPA + regulariser, no RL gradients"),
 }
 CONFIG_COLORS = {1: "tab:gray", 2: "tab:blue", 3: "tab:red", 4: "tab:green"}
-
-
-def run_dir(sweep_dir, config, seed):
-    jepa, rl_grad, reg, _ = FIGURE3_CONFIGS[config]
-    return sweep_dir / (f"{'jepa' if jepa else 'nojepa'}-{'rlgrad' if rl_grad else 'norlgrad'}-"
-                        f"{'reg' if reg else 'noreg'}-seed{seed}")
 
 
 def is_finished(out):
@@ -788,18 +868,32 @@ def last_logged_step(out):
         return 0
 
 
+def sweep_configs(args):
+    """The paper's four configurations, plus the state-based reference (not in the paper) unless --no-reference."""
+    configs = {c: dict(obs="pixels", jepa=j, rl_grad=g, reg=r) for c, (j, g, r, _) in FIGURE3_CONFIGS.items()}
+    if args.reference:
+        configs["state"] = dict(obs="state", jepa=False, rl_grad=False, reg=False)
+    return configs
+
+
+def run_dir(sweep_dir, config, seed):
+    if config == "state":
+        return sweep_dir / f"state-seed{seed}"
+    jepa, rl_grad, reg, _ = FIGURE3_CONFIGS[config]
+    return sweep_dir / f"{run_name('pixels', jepa, rl_grad, reg)}-seed{seed}"
+
+
 def figure3(args):
     """Run every (configuration, seed) that has not finished yet, `--workers` at a time, then plot."""
     import multiprocessing
     jobs = []
-    for config, (jepa, rl_grad, reg, _) in FIGURE3_CONFIGS.items():
+    for config, switches in sweep_configs(args).items():
         for seed in range(1, args.seeds + 1):
             out = run_dir(args.sweep_dir, config, seed)
             if is_finished(out):
                 continue                                   # never overwrite a finished run
-            jobs.append(argparse.Namespace(**{**vars(args), "jepa": jepa, "rl_grad": rl_grad, "reg": reg,
-                                              "seed": seed, "out": out, "threads": 1}))
-    total_runs = len(FIGURE3_CONFIGS) * args.seeds
+            jobs.append(argparse.Namespace(**{**vars(args), **switches, "seed": seed, "out": out, "threads": 1}))
+    total_runs = len(sweep_configs(args)) * args.seeds
     steps_per_run = args.num_updates * args.batch_size
     print(f"figure3: {total_runs - len(jobs)}/{total_runs} runs already finished in {args.sweep_dir}; "
           f"running {len(jobs)} with {args.workers} workers (progress: console.log in each run folder)")
@@ -838,14 +932,39 @@ def running_average_curve(episodes, grid, window):
         return (cumulative[finished] - cumulative[first]) / (finished - first)
 
 
+def load_sweep(args, grid):
+    """Per configuration, the finished runs' curves on `grid`: return (running average), variance, probe R^2."""
+    sweep = {}
+    for config in sweep_configs(args):
+        runs = [run_dir(args.sweep_dir, config, s) for s in range(1, args.seeds + 1)]
+        runs = [r for r in runs if is_finished(r)]
+        if not runs:
+            continue
+        seeds, curves, variances, probes, final_var, walls = [], [], [], [], [], []
+        for seed_dir in runs:
+            episodes = np.loadtxt(seed_dir / "episodes.csv", delimiter=",", skiprows=1, ndmin=2)
+            updates = read_csv(seed_dir / "updates.csv")
+            seeds.append(int(seed_dir.name.rsplit("seed", 1)[1]))
+            curves.append(running_average_curve(episodes, grid, args.window))
+            variances.append(np.interp(grid, updates["step"], updates["embedding_var"]))
+            probes.append(np.stack([np.interp(grid, updates["step"], updates[f"probe_r2_{n}"])
+                                    for n in STATE_NAMES]))                         # (4, len(grid))
+            final_var.append(updates["embedding_var"][-1])
+            walls.append(json.loads((seed_dir / "summary.json").read_text())["wall_s"])
+        sweep[config] = dict(seeds=seeds, curves=np.array(curves), variances=np.array(variances),
+                             probes=np.array(probes), final_var=np.array(final_var), walls=np.array(walls))
+    return sweep
+
+
 def read_csv(path):
+    """Columns of a CSV as float arrays (empty cells, such as steps without a probe, become NaN)."""
     with open(path) as f:
         rows = list(csv.DictReader(f))
-    return {k: np.array([float(r[k]) for r in rows]) for k in (rows[0] if rows else [])}
+    return {k: np.array([float(r[k]) if r[k] not in ("", None) else np.nan for r in rows]) for k in rows[0]}
 
 
 def plot(args):
-    """plots/figure3.png, figure3_summary.csv and figure3_curves.csv from the finished runs in --sweep-dir."""
+    """Figure 3, its summary table and curve data, the probe figure and the observation figure."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -853,70 +972,221 @@ def plot(args):
     steps_per_run = args.num_updates * args.batch_size
     grid = np.arange(args.batch_size, steps_per_run + 1, args.batch_size)     # one point per rollout
     args.plots_dir.mkdir(parents=True, exist_ok=True)
-    fig, (ax_ret, ax_var) = plt.subplots(1, 2, figsize=(14, 5.2))
-    summary_rows, curve_rows = [], []
-    for config, (jepa, rl_grad, reg, label) in FIGURE3_CONFIGS.items():
-        runs = [run_dir(args.sweep_dir, config, s) for s in range(1, args.seeds + 1)]
-        runs = [r for r in runs if is_finished(r)]
-        if not runs:
-            continue
-        curves, variances, best, final_var, walls = [], [], [], [], []
-        for seed_dir in runs:
-            episodes = np.loadtxt(seed_dir / "episodes.csv", delimiter=",", skiprows=1, ndmin=2)
-            curve = running_average_curve(episodes, grid, args.window)
-            updates = read_csv(seed_dir / "updates.csv")
-            variance = np.interp(grid, updates["step"], updates["embedding_var"])
-            curves.append(curve)
-            variances.append(variance)
-            best.append(np.nanmax(curve))
-            final_var.append(updates["embedding_var"][-1])
-            walls.append(json.loads((seed_dir / "summary.json").read_text())["wall_s"])
-            seed = int(seed_dir.name.rsplit("seed", 1)[1])
-            curve_rows += [(config, seed, int(g), f"{c:.2f}", f"{v:.4g}") for g, c, v in zip(grid, curve, variance)]
-        curves, variances = np.array(curves), np.array(variances)
-        mean, std = np.nanmean(curves, 0), np.nanstd(curves, 0)
-        color = CONFIG_COLORS[config]
-        ax_ret.plot(grid, mean, color=color, label=f"{label} ({len(runs)} seeds)", lw=2)
-        ax_ret.fill_between(grid, mean - std, mean + std, color=color, alpha=0.2)
-        log_var = np.log10(np.maximum(variances, 1e-30))                  # band in log space for the log axis
-        ax_var.plot(grid, 10 ** log_var.mean(0), color=color, label=label, lw=2)
-        ax_var.fill_between(grid, 10 ** log_var.min(0), 10 ** log_var.max(0), color=color, alpha=0.2)
-        summary_rows.append({
-            "config": config, "jepa": int(jepa), "rl_grad": int(rl_grad), "reg": int(reg), "seeds": len(runs),
-            "return_mean": f"{mean[-1]:.1f}", "return_std": f"{std[-1]:.1f}",
-            "best_return_mean": f"{np.mean(best):.1f}", "final_embedding_var": f"{np.mean(final_var):.3g}",
-            "collapsed_seeds": int(sum(v < COLLAPSE_THRESHOLD for v in final_var)),
-            "wall_s_per_run": f"{np.mean(walls):.0f}"})
-    ax_ret.set(title=f"Figure 3a: running average of episodic return ({args.window} episodes)",
-               xlabel="environment steps", ylabel="return (steps balanced, max 500)")
+    sweep = load_sweep(args, grid)
+    labels = {**{c: v[3] for c, v in FIGURE3_CONFIGS.items()}, "state": "state-based PPO (reference, not in paper)"}
+    colors = {**CONFIG_COLORS, "state": "black"}
+
+    # ---- Figure 3: (a) running-average return, (b) embedding variance
+    fig, (ax_ret, ax_var) = plt.subplots(1, 2, figsize=(15, 5.5))
+    for config, runs in sweep.items():
+        mean, std = np.nanmean(runs["curves"], 0), np.nanstd(runs["curves"], 0)
+        style = dict(color=colors[config], lw=2, ls="--" if config == "state" else "-")
+        ax_ret.plot(grid, mean, label=f"{labels[config]}, {len(runs['seeds'])} seeds", **style)
+        ax_ret.fill_between(grid, mean - std, mean + std, color=colors[config], alpha=0.15)
+        if config != "state":
+            log_var = np.log10(np.maximum(runs["variances"], 1e-30))           # mean and band in log space
+            ax_var.plot(grid, 10 ** log_var.mean(0), label=labels[config], **style)
+            ax_var.fill_between(grid, 10 ** log_var.min(0), 10 ** log_var.max(0), color=colors[config], alpha=0.15)
+    ax_ret.set(title=f"(a) episodic return, running average of the last {args.window} episodes",
+               xlabel="environment steps", ylabel="return (steps balanced; max 500)")
     ax_ret.text(0.01, 0.98, "line: mean over seeds; band: ±1 std across seeds", transform=ax_ret.transAxes,
                 va="top", fontsize=10)
-    ax_var.axhline(COLLAPSE_THRESHOLD, color="black", ls="--", lw=1, label="collapse threshold 1e-7")
-    ax_var.set(title="Figure 3b: batch-wise embedding variance of s_x", xlabel="environment steps",
-               ylabel="mean batch-wise variance (log)", yscale="log")
-    ax_var.text(0.01, 0.02, "line: geometric mean over seeds; band: min-max", transform=ax_var.transAxes,
+    ax_var.axhline(COLLAPSE_THRESHOLD, color="black", ls=":", lw=1.5, label="collapse threshold 1e-7")
+    ax_var.set(title="(b) mean batch-wise variance of s_x (collapse indicator)", xlabel="environment steps",
+               ylabel="variance (log scale)", yscale="log")
+    ax_var.text(0.01, 0.02, "line: geometric mean over seeds; band: min to max", transform=ax_var.transAxes,
                 fontsize=10)
     for ax in (ax_ret, ax_var):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=9, loc="best")
+    fig.suptitle("Figure 3 reproduced: JEPA + PPO on pixel Cart Pole", fontsize=14)
     fig.tight_layout()
-    fig.savefig(args.plots_dir / "figure3.png", dpi=120)
+    fig.savefig(args.plots_dir / "figure3.png", dpi=110)
     plt.close(fig)
 
+    # ---- the summary table (the paper's four configurations) and the per-seed curves
     columns = ["config", "jepa", "rl_grad", "reg", "seeds", "return_mean", "return_std", "best_return_mean",
                "final_embedding_var", "collapsed_seeds", "wall_s_per_run"]
+    rows = []
+    for config, runs in sweep.items():
+        at_end = runs["curves"][:, -1]
+        jepa, rl_grad, reg = (FIGURE3_CONFIGS[config][:3] if config != "state" else (0, 0, 0))
+        rows.append({"config": config, "jepa": int(jepa), "rl_grad": int(rl_grad), "reg": int(reg),
+                     "seeds": len(runs["seeds"]), "return_mean": f"{at_end.mean():.1f}",
+                     "return_std": f"{at_end.std():.1f}",
+                     "best_return_mean": f"{np.nanmax(runs['curves'], 1).mean():.1f}",
+                     "final_embedding_var": f"{runs['final_var'].mean():.3g}",
+                     "collapsed_seeds": int((runs["final_var"] < COLLAPSE_THRESHOLD).sum()),
+                     "wall_s_per_run": f"{runs['walls'].mean():.0f}"})
     with open(args.plots_dir / "figure3_summary.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
-        writer.writerows(summary_rows)
+        writer.writerows(r for r in rows if r["config"] != "state")
     with open(args.plots_dir / "figure3_curves.csv", "w", newline="") as f:   # re-plot without retraining
         writer = csv.writer(f)
-        writer.writerow(["config", "seed", "step", "running_avg_return", "embedding_var"])
-        writer.writerows(curve_rows)
+        writer.writerow(["config", "seed", "step", "running_avg_return", "embedding_var"]
+                        + [f"probe_r2_{n}" for n in STATE_NAMES])
+        for config, runs in sweep.items():
+            for k, seed in enumerate(runs["seeds"]):
+                for g in range(len(grid)):
+                    writer.writerow([config, seed, int(grid[g]), f"{runs['curves'][k, g]:.2f}",
+                                     f"{runs['variances'][k, g]:.4g}"]
+                                    + [f"{runs['probes'][k, v, g]:.3f}" for v in range(4)])
     print("| " + " | ".join(columns) + " |\n|" + " --- |" * len(columns))
-    for row in summary_rows:
+    for row in rows:
         print("| " + " | ".join(str(row[c]) for c in columns) + " |")
-    print(f"wrote {args.plots_dir / 'figure3.png'}, figure3_summary.csv, figure3_curves.csv")
+
+    # ---- what the embedding knows: linear-probe R^2 of each true state variable
+    pixel_configs = [c for c in sweep if c != "state"]
+    if pixel_configs:
+        fig, axes = plt.subplots(1, 4, figsize=(18, 4.5), sharey=True)
+        for v, (ax, name) in enumerate(zip(axes, ["cart position x", "cart velocity x_dot", "pole angle theta",
+                                                  "pole angular velocity theta_dot"])):
+            for config in pixel_configs:
+                r2 = sweep[config]["probes"][:, v]                               # (seeds, len(grid))
+                ax.plot(grid, np.nanmean(r2, 0), color=colors[config], lw=2, label=labels[config])
+            ax.set(title=name, xlabel="environment steps", ylim=(-0.1, 1.02))
+            ax.grid(alpha=0.3)
+        axes[0].set_ylabel("held-out R² of a linear probe on s_x")
+        axes[0].legend(fontsize=8, loc="lower left")
+        fig.suptitle("What s_x knows: ridge regression from s_x to the true state (mean over seeds)", fontsize=13)
+        fig.tight_layout()
+        fig.savefig(args.plots_dir / "probe.png", dpi=110)
+        plt.close(fig)
+        print("probe R^2 at the end (x, x_dot, theta, theta_dot), mean over seeds:")
+        for config in pixel_configs:
+            print(f"  {config}: " + ", ".join(f"{r:.2f}" for r in np.nanmean(sweep[config]["probes"][:, :, -1], 0)))
+
+    plot_observation(args, plt)
+    print(f"wrote figure3.png, figure3_summary.csv, figure3_curves.csv, probe.png, observation.png "
+          f"in {args.plots_dir}")
+
+
+def plot_observation(args, plt):
+    """plots/observation.png: one transition as the networks see it, with the patch grid, beside the scene."""
+    H, W, p = args.image_height, args.image_width, args.patch_size
+    envs = gym.make_vec("CartPole-v1", num_envs=1, vectorization_mode="vector_entry_point")
+    states, _ = envs.reset(seed=3)
+    window = push_frame(np.zeros((1, 3, H, W), np.uint8), render_frames(states, H, W), np.ones(1, bool))
+    for _ in range(8):                     # push right a few times, so the frames show motion
+        x_window = window
+        window, states, *_ = step_pixels(envs, np.ones(1, dtype=np.int64), window, np.zeros(1, bool),
+                                         lambda s: render_frames(s, H, W))
+    scene = GymnasiumRenderer(H, W)
+    scene.env.state = states[0].astype(np.float64)
+    fig = plt.figure(figsize=(17, 4.8))
+    grid_spec = fig.add_gridspec(3, 4, width_ratios=[1, 1, 1, 1.5], height_ratios=[1, 0.3, 1])
+    titles = [["x-encoder input: f(t-2)", "f(t-1)", "f(t)"], ["y-encoder input: f(t-1)", "f(t)", "f(t+1)"]]
+    for row, win in enumerate((x_window[0], window[0])):
+        for k in range(3):
+            ax = fig.add_subplot(grid_spec[row, k] if row == 0 else grid_spec[row + 1, k])
+            ax.imshow(win[k], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+            ax.set_xticks(np.arange(-0.5, W, p), minor=False, labels=[])
+            ax.set_yticks(np.arange(-0.5, H, p), labels=[])
+            ax.grid(color="tab:orange", lw=0.7, alpha=0.7)
+            ax.tick_params(length=0)
+            ax.set_title(titles[row][k], fontsize=11)
+    ax = fig.add_subplot(grid_spec[:, 3])
+    ax.imshow(scene.env.render())
+    top = SCREEN_HEIGHT - (CROP_BOTTOM + H * SCREEN_WIDTH / W)
+    ax.add_patch(plt.Rectangle((0, top), SCREEN_WIDTH - 1, H * SCREEN_WIDTH / W, fill=False, ec="tab:orange", lw=2))
+    ax.set_title("gymnasium's 600 x 400 scene at f(t+1)\norange box: the band our frames show", fontsize=11)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    fig.text(0.36, 0.5, f"{H} x {W} pixels per frame, {p} x {p} patches (orange grid): "
+             f"{(H // p) * (W // p)} tokens per frame, 1 + 3 x {(H // p) * (W // p)} = {args.tokens} with CLS",
+             ha="center", va="center", fontsize=11)
+    fig.suptitle("What the encoders see: one transition (the cart pushed right)", fontsize=14)
+    fig.savefig(args.plots_dir / "observation.png", dpi=110)
+    plt.close(fig)
+
+
+# ======================================================================================================
+# 11. Using a trained agent: load, evaluate, animate
+# ======================================================================================================
+
+
+def load_run(run_dir, device="cpu"):
+    """Rebuild a finished run's networks from its config.json and model.pt."""
+    run_args = argparse.Namespace(**json.loads((run_dir / "config.json").read_text()))
+    networks = make_networks(run_args, num_actions=2, device=device)
+    weights = torch.load(run_dir / "model.pt", map_location=device)
+    for name, net in zip(("x_encoder", "y_encoder", "predictor", "actor", "critic"), networks):
+        net.load_state_dict(weights[name])
+    return run_args, networks
+
+
+def greedy_actions(x_encoder, actor, observation):
+    with torch.inference_mode():
+        return actor(x_encoder(torch.as_tensor(observation))).argmax(-1).numpy()   # (N,)
+
+
+def play_greedy(run_dir, episodes, seed, on_step=None):
+    """Play `episodes` episodes (one per env) with the greedy policy; returns their returns (episodes,)."""
+    run_args, (x_encoder, _, _, actor, _) = load_run(run_dir)
+    H, W = run_args.image_height, run_args.image_width
+    render = lambda s: render_frames(s, H, W)
+    envs = gym.make_vec("CartPole-v1", num_envs=episodes, vectorization_mode="vector_entry_point")
+    states, _ = envs.reset(seed=seed)
+    window = push_frame(np.zeros((episodes, 3, H, W), np.uint8), render(states), np.ones(episodes, bool))
+    returns, finished = np.zeros(episodes), np.zeros(episodes, bool)
+    while not finished.all():
+        if on_step:
+            on_step(states, window)
+        observation = window if run_args.obs == "pixels" else states
+        window, states, reward, _, ended, _ = step_pixels(envs, greedy_actions(x_encoder, actor, observation),
+                                                          window, np.zeros(episodes, bool), render)
+        returns += reward * ~finished            # count each env's first episode only
+        finished |= ended
+    return returns
+
+
+def evaluate(args):
+    returns = play_greedy(args.eval, args.eval_episodes, seed=10_000 + args.seed)
+    print(f"{args.eval}: greedy return over {len(returns)} episodes: {returns.mean():.1f} +- {returns.std():.1f} "
+          f"(min {returns.min():.0f}, max {returns.max():.0f})")
+    return returns
+
+
+def make_gif(args):
+    """One greedy episode: gymnasium's full scene beside the three frames the encoder receives."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.animation import FuncAnimation, PillowWriter
+    scenes, windows = [], []
+    scene = GymnasiumRenderer(16, 64)
+
+    def record(states, window):
+        scene.env.state = states[0].astype(np.float64)
+        scenes.append(scene.env.render()[::2, ::2])          # (200, 300, 3): half size keeps the GIF small
+        windows.append(window[0])
+    episode_return = play_greedy(args.gif, 1, seed=10_000 + args.seed, on_step=record)[0]
+    frames = range(0, len(scenes), 2)                        # every 2nd step, played at 25 fps = real time
+    fig = plt.figure(figsize=(9, 3.6))
+    grid_spec = fig.add_gridspec(3, 2, width_ratios=[1.4, 1])
+    ax_scene = fig.add_subplot(grid_spec[:, 0])
+    scene_image = ax_scene.imshow(scenes[0])
+    ax_scene.axis("off")
+    frame_images = []
+    for k, name in enumerate(["f(t-2)", "f(t-1)", "f(t)"]):
+        ax = fig.add_subplot(grid_spec[k, 1])
+        frame_images.append(ax.imshow(windows[0][k], cmap="gray", vmin=0, vmax=255, interpolation="nearest"))
+        ax.set_title(f"encoder input {name}", fontsize=9)
+        ax.axis("off")
+    title = fig.suptitle("")
+    fig.tight_layout()
+
+    def draw(i):
+        scene_image.set_data(scenes[i])
+        for k in range(3):
+            frame_images[k].set_data(windows[i][k])
+        title.set_text(f"{args.gif.name}: step {i + 1} of {len(scenes)} (episode return {episode_return:.0f})")
+        return [scene_image, *frame_images, title]
+    args.plots_dir.mkdir(parents=True, exist_ok=True)
+    FuncAnimation(fig, draw, frames=frames).save(args.plots_dir / "agent.gif", writer=PillowWriter(fps=25))
+    plt.close(fig)
+    print(f"wrote {args.plots_dir / 'agent.gif'}: {len(scenes)} steps, return {episode_return:.0f}")
 
 
 if __name__ == "__main__":
@@ -927,5 +1197,9 @@ if __name__ == "__main__":
         figure3(args)
     elif args.plot:
         plot(args)
+    elif args.eval:
+        evaluate(args)
+    elif args.gif:
+        make_gif(args)
     else:
         train(args)

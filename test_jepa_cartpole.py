@@ -95,7 +95,7 @@ def test_x_and_y_windows_are_the_right_frames_and_never_cross_an_episode():
     checked_ends = 0
     for _ in range(60):
         old = window.copy()
-        window, _, _, ended, valid = jc.step_pixels(envs, np.ones(n, dtype=np.int64), window, last_ended,
+        window, _, _, _, ended, valid = jc.step_pixels(envs, np.ones(n, dtype=np.int64), window, last_ended,
                                                     stamping_render)
         for i in range(n):
             x_ids, y_ids = ids(old[i]), ids(window[i])
@@ -327,3 +327,73 @@ def test_non_finite_loss_stops_with_a_message_and_keeps_the_logs(tmp_path, monke
     assert "non-finite loss" in str(exit_info.value.code)
     assert (tmp_path / "run" / "episodes.csv").read_text().startswith("step,return,length")
     assert (tmp_path / "run" / "updates.csv").read_text().startswith("step,")
+
+
+# ---------------------------------------------------------------------------------------------- beyond the paper
+def test_linear_probe_reads_a_linear_embedding_and_nothing_from_a_constant_one():
+    torch.manual_seed(0)
+    states = torch.from_numpy(random_states(400))
+    mixing = torch.randn(4, D)
+    linear = states @ mixing + 0.01 * torch.randn(400, D)          # s_x = a linear function of the state
+    r2 = jc.linear_probe_r2(linear[:200], states[:200], linear[200:], states[200:])
+    assert (r2 > 0.99).all()
+    constant = torch.ones(400, D)                                  # a collapsed encoder
+    r2 = jc.linear_probe_r2(constant[:200], states[:200], constant[200:], states[200:])
+    assert (r2.abs() < 0.05).all()
+
+
+def test_state_reference_refuses_the_jepa_switches(capsys):
+    for flag in ("--jepa", "--no-rl-grad", "--reg"):
+        with pytest.raises(SystemExit):
+            jc.parse_args(["--obs", "state", flag])
+        assert flag in capsys.readouterr().err
+    args = jc.parse_args(["--obs", "state", "--out", "unused"])
+    assert (args.jepa, args.rl_grad, args.reg) == (False, False, False)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A tiny run trained in this process, with its networks as they were at the end of training."""
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    summary, networks = jc.train(jc.parse_args([*TINY, "--out", str(out)]))
+    return out, networks
+
+
+def test_checkpoint_round_trip_gives_identical_actions(tiny_run):
+    out, (x_encoder, _, _, actor, _) = tiny_run
+    _, (loaded_encoder, _, _, loaded_actor, _) = jc.load_run(out)
+    windows = torch.from_numpy(jc.render_frames(random_states(30), H, W)).view(10, 3, H, W)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded_actor(loaded_encoder(windows)), actor(x_encoder(windows)))
+    assert (jc.greedy_actions(loaded_encoder, loaded_actor, windows)
+            == jc.greedy_actions(x_encoder, actor, windows)).all()
+
+
+def test_eval_and_gif_run_on_a_trained_run(tiny_run, tmp_path):
+    out, _ = tiny_run
+    result = run_script("--eval", str(out), "--eval-episodes", "3", cwd=tmp_path)
+    assert result.returncode == 0 and "greedy return over 3 episodes" in result.stdout, result.stderr
+    result = run_script("--gif", str(out), "--plots-dir", str(tmp_path / "plots"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "plots" / "agent.gif").read_bytes()[:6] == b"GIF89a"
+
+
+def test_figure3_sweep_is_resumable_and_writes_its_plots(tmp_path):
+    flags = ["--figure3", "--seeds", "1", "--sweep-dir", str(tmp_path / "runs"), "--plots-dir",
+             str(tmp_path / "plots"), *TINY]
+    first = run_script(*flags, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    for name in ("figure3.png", "figure3_summary.csv", "figure3_curves.csv", "probe.png", "observation.png"):
+        assert (tmp_path / "plots" / name).exists(), name
+    with open(tmp_path / "plots" / "figure3_summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["config"] for r in rows] == ["1", "2", "3", "4"]
+    assert {"jepa", "rl_grad", "reg", "seeds", "return_mean", "return_std", "best_return_mean",
+            "final_embedding_var", "collapsed_seeds", "wall_s_per_run"} <= set(rows[0])
+    finished = (tmp_path / "runs" / "jepa-rlgrad-noreg-seed1" / "episodes.csv").read_text()
+    (tmp_path / "runs" / "state-seed1" / "summary.json").unlink()          # as if killed before the end
+    again = run_script(*flags, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "4/5 runs already finished" in again.stdout                      # only the unfinished run is redone
+    assert (tmp_path / "runs" / "jepa-rlgrad-noreg-seed1" / "episodes.csv").read_text() == finished
+    assert (tmp_path / "runs" / "state-seed1" / "summary.json").exists()
