@@ -136,9 +136,17 @@ def build_parser():
     p.add_argument("--predictor-hidden", type=int, default=128, help="hidden width of the two-layer predictor")
     p.add_argument("--ema-tau", type=float, default=0.99,
                    help="y-encoder EMA rate: theta_y <- tau*theta_y + (1-tau)*theta_x (paper: 0.99)")
-    p.add_argument("--jepa-coef", type=float, default=1.0, help="weight of Eq. 1 in Eq. 3 (paper: 1)")
-    p.add_argument("--reg-coef", type=float, default=1.0, help="weight of Eq. 2 in Eq. 3 (paper: 1)")
-    # --- PPO (CleanRL's Cart Pole defaults, except the rollout shape)
+    p.add_argument("--jepa-coef", type=float, default=1.0,
+                   help="weight of Eq. 1 in Eq. 3 (the paper's sum has no weights: 1)")
+    p.add_argument("--reg-coef", type=float, default=1.0,
+                   help="weight of Eq. 2 in Eq. 3 (the paper's sum has no weights: 1)")
+    p.add_argument("--final-norm", action=bool_flag, default=True,
+                   help="LayerNorm on the CLS output, as in a standard ViT (the paper does not say). It keeps "
+                        "each s_x at unit scale across its d features, so the batch variance stays below ~1")
+    p.add_argument("--fresh-targets", action=bool_flag, default=False,
+                   help="recompute s_y with the current y-encoder for every minibatch (+1 forward pass each); "
+                        "default: once per rollout, the y-encoder then lags by the update's EMA steps")
+    # --- PPO (CleanRL's Cart Pole settings, except the rollout shape and no value-loss clipping)
     p.add_argument("--num-steps", type=int, default=32, help="rollout length per env between updates")
     p.add_argument("--num-minibatches", type=int, default=4, help="minibatches per epoch")
     p.add_argument("--update-epochs", type=int, default=4, help="passes over each rollout")
@@ -405,7 +413,8 @@ class Block(nn.Module):
 class ViTEncoder(nn.Module):
     """Three grayscale frames -> s, the CLS token's last-layer embedding (width D)."""
 
-    def __init__(self, image_height, image_width, patch_size, dim, depth, heads, mlp_ratio, frames=3):
+    def __init__(self, image_height, image_width, patch_size, dim, depth, heads, mlp_ratio, frames=3,
+                 final_norm=True):
         super().__init__()
         self.dim = dim
         self.patch_size = patch_size
@@ -420,7 +429,7 @@ class ViTEncoder(nn.Module):
         self.row_pos = nn.Parameter(torch.randn(self.rows, dim) * 0.02)
         self.col_pos = nn.Parameter(torch.randn(self.cols, dim) * 0.02)
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio) for _ in range(depth))
-        self.norm = nn.LayerNorm(dim)
+        self.norm = nn.LayerNorm(dim) if final_norm else nn.Identity()
 
     def positional_encoding(self):
         pos = (self.frame_pos[:, None, None, :]        # (F, 1, 1, D)
@@ -538,7 +547,8 @@ def rl_input(s_x, rl_grad):
 # ======================================================================================================
 # 8. PPO actor-critic (paper Section 3: "an actor-critic-style PPO algorithm")
 # ======================================================================================================
-# Standard clipped PPO as in CleanRL, with the encoder replaced by s_x. Two small heads read s_x.
+# Standard clipped PPO as in CleanRL (without its optional value-loss clipping), acting on s_x through two
+# small heads. One gradient-norm clip covers all trained networks together, encoder included.
 
 
 def layer_init(layer, std=np.sqrt(2), bias=0.0):
@@ -596,7 +606,7 @@ def ppo_losses(logits, new_values, actions, old_logprobs, advantages, returns, a
 
 STATE_NAMES = ["x", "x_dot", "theta", "theta_dot"]
 UPDATE_COLUMNS = ["step", "jepa_loss", "reg_loss", "policy_loss", "value_loss", "entropy", "embedding_var",
-                  "approx_kl", "learning_rate", "mean_return", "sps"] + [f"probe_r2_{n}" for n in STATE_NAMES]
+                  "approx_kl", "grad_norm", "learning_rate", "mean_return", "sps"] + [f"probe_r2_{n}" for n in STATE_NAMES]
 COLLAPSE_THRESHOLD = 1e-7  # the paper's collapse indicator threshold
 
 
@@ -611,7 +621,7 @@ class StateInput(nn.Module):
 def make_networks(args, num_actions, device):
     if args.obs == "pixels":
         x_encoder = ViTEncoder(args.image_height, args.image_width, args.patch_size, args.embed_dim, args.depth,
-                               args.heads, args.mlp_ratio)
+                               args.heads, args.mlp_ratio, final_norm=args.final_norm)
     else:
         x_encoder = StateInput()
     y_encoder = make_y_encoder(x_encoder)
@@ -713,7 +723,7 @@ def train(args):
 
             window, states, reward, term, ended, is_valid = step_pixels(envs, action.cpu().numpy(), window,
                                                                         autoreset=last_step_ended, render=render)
-            global_step += N
+            global_step += N                                   # counts autoreset steps too, as CleanRL does
             windows[t + 1], true_states[t + 1] = torch.from_numpy(window), torch.from_numpy(states)
             valid[t] = torch.from_numpy(is_valid)
             rewards[t] = torch.from_numpy(reward)
@@ -740,21 +750,24 @@ def train(args):
         # ---- 9b. Update: PPO + JEPA on the rollout, in minibatches.
         tick = time.perf_counter()
         b_inputs = inputs[:T].flatten(0, 1)                     # (B, 3, H, W)  x-encoder inputs
+        b_next_inputs = inputs[1:].flatten(0, 1)                # (B, 3, H, W)  y-encoder inputs
         b_actions, b_logprobs = actions.reshape(-1), logprobs.reshape(-1)
         b_advantages, b_returns = advantages.reshape(-1), returns.reshape(-1)
         valid_idx = torch.nonzero(valid.reshape(-1)).squeeze(1)  # drop the autoreset steps
-        if args.jepa:
+        if args.jepa and not args.fresh_targets:
             # Targets s_y for the whole rollout in one pass: the y-encoder's input at step t is the x-encoder's
-            # input at t+1. Computed once per update: the EMA target moves only ~1% per optimiser step.
+            # input at t+1. Speed: computed once per rollout, so over an update's optimiser steps the target lags
+            # (16 EMA steps of 1% -> ~15% of the way to the x-encoder). --fresh-targets recomputes them instead.
             with torch.no_grad():
                 b_s_y = torch.cat([y_encoder(chunk.to(device)) for chunk in
-                                   windows[1:].reshape(T * N, 3, H, W).split(args.minibatch_size)])  # (B, D)
+                                   b_next_inputs.split(args.minibatch_size)])                         # (B, D)
 
         stats = {k: 0.0 for k in ("jepa_loss", "reg_loss", "policy_loss", "value_loss", "entropy",
-                                  "embedding_var", "approx_kl")}
+                                  "embedding_var", "approx_kl", "grad_norm")}
         num_minibatch_steps = 0
         for epoch in range(args.update_epochs):
-            for mb in valid_idx[torch.randperm(len(valid_idx))].split(args.minibatch_size):
+            # --num-minibatches near-equal minibatches of the valid steps (never a tiny leftover one).
+            for mb in valid_idx[torch.randperm(len(valid_idx))].tensor_split(args.num_minibatches):
                 mb_dev = mb.to(device)
                 s_x = x_encoder(b_inputs[mb].to(device))                       # (M, D)
                 # Gradient propagation switch (Section 2): the one place where --no-rl-grad acts.
@@ -764,8 +777,14 @@ def train(args):
                     b_advantages[mb].to(device), b_returns[mb].to(device), args)
                 actor_loss = policy_loss - args.ent_coef * entropy
                 critic_loss = args.vf_coef * value_loss
-                l_jepa = (jepa_loss(predictor(s_x, b_actions[mb].to(device)), b_s_y[mb_dev])
-                          if args.jepa else torch.zeros((), device=device))
+                l_jepa = torch.zeros((), device=device)
+                if args.jepa:
+                    if args.fresh_targets:
+                        with torch.no_grad():
+                            s_y = y_encoder(b_next_inputs[mb].to(device))         # (M, D)
+                    else:
+                        s_y = b_s_y[mb_dev]                                      # (M, D)
+                    l_jepa = jepa_loss(predictor(s_x, b_actions[mb].to(device)), s_y)
                 l_reg = variance_regulariser(s_x)
                 loss = total_loss(actor_loss, critic_loss, l_jepa, l_reg, args)
                 if not torch.isfinite(loss):
@@ -777,13 +796,14 @@ def train(args):
 
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                nn.utils.clip_grad_norm_(trained.parameters(), args.max_grad_norm)
+                grad_norm = nn.utils.clip_grad_norm_(trained.parameters(), args.max_grad_norm)  # before clipping
                 optimizer.step()
                 ema_update(y_encoder, x_encoder, args.ema_tau)   # after every optimiser step
 
                 for k, v in (("jepa_loss", l_jepa), ("reg_loss", l_reg), ("policy_loss", policy_loss),
                              ("value_loss", value_loss), ("entropy", entropy),
-                             ("embedding_var", embedding_variance(s_x.detach())), ("approx_kl", approx_kl)):
+                             ("embedding_var", embedding_variance(s_x.detach())), ("approx_kl", approx_kl),
+                             ("grad_norm", grad_norm)):
                     stats[k] += v.item()
                 num_minibatch_steps += 1
         timing["update"] += time.perf_counter() - tick
@@ -802,7 +822,7 @@ def train(args):
         # ---- 9d. Log one row per update and one console line.
         elapsed = time.time() - start
         sps = global_step / elapsed
-        mean_return = float(np.mean(recent_returns[-20:])) if recent_returns else float("nan")
+        mean_return = float(np.mean(recent_returns[-args.window:])) if recent_returns else float("nan")
         row = {k: v / max(num_minibatch_steps, 1) for k, v in stats.items()}
         row.update(step=global_step, learning_rate=optimizer.param_groups[0]["lr"], mean_return=mean_return,
                    sps=sps, **probe)
@@ -810,7 +830,7 @@ def train(args):
         updates_file.flush()
         eta = (args.num_updates * args.batch_size - global_step) / sps
         print(f"step {global_step:>7}/{args.num_updates * args.batch_size} | sps {sps:5.0f} | eta {eta:5.0f}s"
-              f" | return(last 20) {mean_return:6.1f} | embedding var {row['embedding_var']:.2e}"
+              f" | return(last {args.window}) {mean_return:6.1f} | embedding var {row['embedding_var']:.2e}"
               f" | jepa {row['jepa_loss']:.3f}", flush=True)
         if row["embedding_var"] < COLLAPSE_THRESHOLD:
             print(f"warning: embedding variance {row['embedding_var']:.1e} < {COLLAPSE_THRESHOLD:g}: "
@@ -823,7 +843,7 @@ def train(args):
                 (("x_encoder", x_encoder), ("y_encoder", y_encoder), ("predictor", predictor), ("actor", actor),
                  ("critic", critic))}, args.out / "model.pt")
     summary = {"steps": global_step, "wall_s": time.time() - start, "sps": global_step / (time.time() - start),
-               "final_mean_return_last20": mean_return, "final_embedding_var": row["embedding_var"],
+               f"final_mean_return_last{args.window}": mean_return, "final_embedding_var": row["embedding_var"],
                "timing_s": timing}
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"done: {global_step} steps in {summary['wall_s']:.0f}s ({summary['sps']:.0f} sps); "
@@ -848,6 +868,22 @@ CONFIG_COLORS = {1: "tab:gray", 2: "tab:blue", 3: "tab:red", 4: "tab:green"}
 
 def is_finished(out):
     return (out / "summary.json").exists()   # written only after the last update
+
+
+# Flags that differ between the runs of one sweep, or do not change what a run computes.
+PER_RUN_FLAGS = {"out", "seed", "threads", "jepa", "rl_grad", "reg", "obs", "device", "overwrite", "figure3",
+                 "plot", "sweep_dir", "plots_dir", "seeds", "workers", "window", "reference", "eval",
+                 "eval_episodes", "gif", "benchmark_renderer"}
+
+
+def check_same_settings(out, args):
+    """Refuse to reuse or plot a finished run that was made with other settings than this command's."""
+    saved = json.loads((out / "config.json").read_text())
+    different = {k: (saved.get(k), v) for k, v in vars(args).items()
+                 if k not in PER_RUN_FLAGS and saved.get(k) != (str(v) if isinstance(v, Path) else v)}
+    if different:
+        sys.exit(f"error: {out} was made with other settings ({', '.join(f'{k}: run {a} vs now {b}' for k, (a, b) in different.items())}); "
+                 f"use another --sweep-dir or the same flags")
 
 
 def _sweep_worker(run_args):
@@ -891,6 +927,7 @@ def figure3(args):
         for seed in range(1, args.seeds + 1):
             out = run_dir(args.sweep_dir, config, seed)
             if is_finished(out):
+                check_same_settings(out, args)
                 continue                                   # never overwrite a finished run
             jobs.append(argparse.Namespace(**{**vars(args), **switches, "seed": seed, "out": out, "threads": 1}))
     total_runs = len(sweep_configs(args)) * args.seeds
@@ -942,6 +979,7 @@ def load_sweep(args, grid):
             continue
         seeds, curves, variances, probes, final_var, walls = [], [], [], [], [], []
         for seed_dir in runs:
+            check_same_settings(seed_dir, args)
             episodes = np.loadtxt(seed_dir / "episodes.csv", delimiter=",", skiprows=1, ndmin=2)
             updates = read_csv(seed_dir / "updates.csv")
             seeds.append(int(seed_dir.name.rsplit("seed", 1)[1]))
@@ -1125,7 +1163,7 @@ def play_greedy(run_dir, episodes, seed, on_step=None):
     """Play `episodes` episodes (one per env) with the greedy policy; returns their returns (episodes,)."""
     run_args, (x_encoder, _, _, actor, _) = load_run(run_dir)
     H, W = run_args.image_height, run_args.image_width
-    render = lambda s: render_frames(s, H, W)
+    render = GymnasiumRenderer(H, W) if run_args.renderer == "gymnasium" else (lambda s: render_frames(s, H, W))
     envs = gym.make_vec("CartPole-v1", num_envs=episodes, vectorization_mode="vector_entry_point")
     states, _ = envs.reset(seed=seed)
     window = push_frame(np.zeros((episodes, 3, H, W), np.uint8), render(states), np.ones(episodes, bool))
