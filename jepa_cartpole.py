@@ -30,7 +30,8 @@ and the default set-up command of the README:
     python jepa_cartpole.py --jepa --rl-grad --reg
 
 Read it top to bottom: settings -> pixel Cart Pole -> ViT x-encoder -> EMA y-encoder -> predictor ->
-losses (Eq. 1-3) -> gradient propagation -> PPO -> the training loop. Shape comments use
+losses (Eq. 1-3) -> gradient propagation -> PPO -> the training loop -> Figure 3 experiments and plots ->
+using a trained agent. Other modes: --figure3, --plot, --eval RUN_DIR, --gif RUN_DIR, --obs state (see --help). Shape comments use
 B = batch, N = number of envs, T = rollout length, F = 3 frames, P = patches per frame, D = embedding width.
 """
 
@@ -1228,7 +1229,7 @@ def make_gif(args):
         title.set_text(f"{args.gif.name}: step {i + 1} of {len(scenes)} (episode return {episode_return:.0f})")
         return [scene_image, *frame_images, title]
     args.plots_dir.mkdir(parents=True, exist_ok=True)
-    FuncAnimation(fig, draw, frames=frames).save(args.plots_dir / "agent.gif", writer=PillowWriter(fps=25))
+    FuncAnimation(fig, draw, frames=frames).save(args.plots_dir / "agent.gif", writer=PillowWriter(fps=25), dpi=72)
     plt.close(fig)
     print(f"wrote {args.plots_dir / 'agent.gif'}: {len(scenes)} steps, return {episode_return:.0f}")
 
