@@ -31,8 +31,9 @@ and the default set-up command of the README:
 
 Read it top to bottom: settings -> pixel Cart Pole -> ViT x-encoder -> EMA y-encoder -> predictor ->
 losses (Eq. 1-3) -> gradient propagation -> PPO -> the training loop -> Figure 3 experiments and plots ->
-using a trained agent. Other modes: --figure3, --plot, --eval RUN_DIR, --gif RUN_DIR, --obs state (see --help). Shape comments use
-B = batch, N = number of envs, T = rollout length, F = 3 frames, P = patches per frame, D = embedding width.
+using a trained agent. Other modes: --figure3, --plot, --eval RUN_DIR, --gif RUN_DIR, --obs state (--help).
+Shape comments use B = batch, N = number of envs, T = rollout length, F = 3 frames, P = patches per frame,
+D = embedding width.
 """
 
 import argparse
@@ -98,6 +99,8 @@ def build_parser():
     p.add_argument("--out", type=Path, default=None,
                    help="run folder; default runs/<jepa|nojepa>-<rlgrad|norlgrad>-<reg|noreg>-seed<k>")
     p.add_argument("--overwrite", action="store_true", help="allow writing into an existing non-empty --out")
+    p.add_argument("--probe-every", type=int, default=1,
+                   help="fit the linear probe of the true state every this many updates (0: never)")
     # --- experiments (Section 3, Figure 3)
     p.add_argument("--figure3", action="store_true",
                    help="run the paper's 4 configurations x --seeds seeds x --total-steps, then --plot. "
@@ -119,8 +122,6 @@ def build_parser():
                         "beside the three frames its encoder receives")
     p.add_argument("--benchmark-renderer", action="store_true",
                    help="time render_frames against gymnasium's own render (+ crop, downsample), then exit")
-    p.add_argument("--probe-every", type=int, default=1,
-                   help="fit the linear probe of the true state every this many updates (0: never)")
     p.add_argument("--renderer", choices=["numpy", "gymnasium"], default="numpy",
                    help="numpy: our fast vectorised drawing; gymnasium: gymnasium's own pygame rgb_array "
                         "render, cropped and downsampled the same way (slow, for checking)")
@@ -142,8 +143,9 @@ def build_parser():
     p.add_argument("--reg-coef", type=float, default=1.0,
                    help="weight of Eq. 2 in Eq. 3 (the paper's sum has no weights: 1)")
     p.add_argument("--final-norm", action=bool_flag, default=True,
-                   help="LayerNorm on the CLS output, as in a standard ViT (the paper does not say). It keeps "
-                        "each s_x at unit scale across its d features, so the batch variance stays below ~1")
+                   help="LayerNorm on the CLS output, as in a standard ViT (the paper does not say). It fixes "
+                        "each s_x's scale across its d features (up to a learned gain); without it config 2 "
+                        "learned far slower (README: what mattered)")
     p.add_argument("--fresh-targets", action=bool_flag, default=False,
                    help="recompute s_y with the current y-encoder for every minibatch (+1 forward pass each); "
                         "default: once per rollout, the y-encoder then lags by the update's EMA steps")
@@ -164,7 +166,7 @@ def build_parser():
     p.add_argument("--vf-coef", type=float, default=0.5, help="value loss weight")
     p.add_argument("--max-grad-norm", type=float, default=5.0,
                    help="gradient clipping (total norm over all trained networks). Not CleanRL's 0.5: the JEPA "
-                        "loss alone has gradient norms ~100, and clipping those to 0.5 starves the actor")
+                        "loss brings gradient norms of ~100, and 0.5 learned far slower (README: what mattered)")
     return p
 
 
@@ -213,11 +215,11 @@ def parse_args(argv=None):
     args.patches_per_frame = (args.image_height // args.patch_size) * (args.image_width // args.patch_size)
     args.tokens = 1 + 3 * args.patches_per_frame                      # CLS + the patches of 3 frames
 
-    if args.out is None:
-        args.out = Path("runs") / f"{run_name(args.obs, args.jepa, args.rl_grad, args.reg)}-seed{args.seed}"
     if args.figure3 or args.plot or args.benchmark_renderer or args.eval or args.gif:
         args.out = None                 # these modes write elsewhere (--sweep-dir, --plots-dir) or nothing
-    elif args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
+    elif args.out is None:
+        args.out = Path("runs") / f"{run_name(args.obs, args.jepa, args.rl_grad, args.reg)}-seed{args.seed}"
+    if args.out is not None and args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
         parser.error(f"--out {args.out} exists and is not empty; pick another --out or pass --overwrite")
     if args.device == "auto":
         args.device = ("cuda" if torch.cuda.is_available()
@@ -321,15 +323,26 @@ class GymnasiumRenderer:
         overlap = np.clip(np.minimum(hi, i + 1) - np.maximum(lo, i), 0, None)
         return overlap / overlap.sum(1, keepdims=True)
 
+    def full_scene(self, state):
+        """gymnasium's own 400 x 600 RGB picture of one physics state."""
+        self.env.state = np.asarray(state, dtype=np.float64)
+        return self.env.render()                                            # (400, 600, 3) uint8
+
     def __call__(self, states):
         frames = []
         for state in states:
-            self.env.state = np.asarray(state, dtype=np.float64)
-            rgb = self.env.render().astype(np.float32)                      # (400, 600, 3)
+            rgb = self.full_scene(state).astype(np.float32)                 # (400, 600, 3)
             gray = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)  # (400, 600)
             crop = gray[self.rows[0]:self.rows[1]]                          # (rows, 600)
             frames.append(self.down_rows @ crop @ self.down_cols.T)         # (H, W)
         return np.rint(np.stack(frames)).astype(np.uint8)                   # (N, H, W)
+
+
+def make_renderer(name, height, width):
+    """--renderer: states (N, 4) -> frames (N, height, width) uint8."""
+    if name == "gymnasium":
+        return GymnasiumRenderer(height, width)
+    return lambda states: render_frames(states, height, width)
 
 
 def benchmark_renderer(height, width, num_envs, repeats=200):
@@ -477,8 +490,6 @@ def make_y_encoder(x_encoder):
 @torch.no_grad()
 def ema_update(y_encoder, x_encoder, tau):
     y_params, x_params = list(y_encoder.parameters()), list(x_encoder.parameters())
-    if not y_params:
-        return                                             # --obs state: no encoder, nothing to average
     # theta_y <- tau * theta_y + (1 - tau) * theta_x  (foreach: one call for all tensors, not a Python loop)
     torch._foreach_mul_(y_params, tau)
     torch._foreach_add_(y_params, x_params, alpha=1.0 - tau)
@@ -613,7 +624,8 @@ def ppo_losses(logits, new_values, actions, old_logprobs, advantages, returns, a
 
 STATE_NAMES = ["x", "x_dot", "theta", "theta_dot"]
 UPDATE_COLUMNS = ["step", "jepa_loss", "reg_loss", "policy_loss", "value_loss", "entropy", "embedding_var",
-                  "approx_kl", "grad_norm", "learning_rate", "mean_return", "sps"] + [f"probe_r2_{n}" for n in STATE_NAMES]
+                  "approx_kl", "grad_norm", "learning_rate", "mean_return", "sps"] + [
+                  f"probe_r2_{n}" for n in STATE_NAMES]
 COLLAPSE_THRESHOLD = 1e-7  # the paper's collapse indicator threshold
 
 
@@ -623,6 +635,9 @@ class StateInput(nn.Module):
 
     def forward(self, states):                                         # (B, 4)
         return states
+
+
+NETWORK_NAMES = ("x_encoder", "y_encoder", "predictor", "actor", "critic")   # make_networks' order
 
 
 def make_networks(args, num_actions, device):
@@ -679,7 +694,7 @@ def train(args):
     envs = gym.make_vec("CartPole-v1", num_envs=args.num_envs, vectorization_mode="vector_entry_point")
     num_actions = envs.single_action_space.n
     H, W, N, T = args.image_height, args.image_width, args.num_envs, args.num_steps
-    render = GymnasiumRenderer(H, W) if args.renderer == "gymnasium" else (lambda s: render_frames(s, H, W))
+    render = make_renderer(args.renderer, H, W)
 
     # ---- networks: x-encoder, its EMA copy (y-encoder), predictor, actor and critic
     x_encoder, y_encoder, predictor, actor, critic = make_networks(args, num_actions, device)
@@ -806,7 +821,8 @@ def train(args):
                 loss.backward()
                 grad_norm = nn.utils.clip_grad_norm_(trained.parameters(), args.max_grad_norm)  # before clipping
                 optimizer.step()
-                ema_update(y_encoder, x_encoder, args.ema_tau)   # after every optimiser step
+                if args.jepa:                                    # only the JEPA loss reads the y-encoder
+                    ema_update(y_encoder, x_encoder, args.ema_tau)   # after every optimiser step
 
                 for k, v in (("jepa_loss", l_jepa), ("reg_loss", l_reg), ("policy_loss", policy_loss),
                              ("value_loss", value_loss), ("entropy", entropy),
@@ -847,16 +863,16 @@ def train(args):
     episodes_file.close()
     updates_file.close()
     envs.close()
-    torch.save({name: net.state_dict() for name, net in
-                (("x_encoder", x_encoder), ("y_encoder", y_encoder), ("predictor", predictor), ("actor", actor),
-                 ("critic", critic))}, args.out / "model.pt")
+    networks = (x_encoder, y_encoder, predictor, actor, critic)
+    torch.save({name: net.state_dict() for name, net in zip(NETWORK_NAMES, networks)}, args.out / "model.pt")
     summary = {"steps": global_step, "wall_s": time.time() - start, "sps": global_step / (time.time() - start),
-               f"final_mean_return_last{args.window}": mean_return, "final_embedding_var": row["embedding_var"],
+               "final_mean_return": mean_return, "return_window_episodes": args.window,
+               "final_embedding_var": row["embedding_var"],
                "timing_s": timing}
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"done: {global_step} steps in {summary['wall_s']:.0f}s ({summary['sps']:.0f} sps); "
           f"timing {', '.join(f'{k} {v:.0f}s' for k, v in timing.items())}; logs in {args.out}")
-    return summary, (x_encoder, y_encoder, predictor, actor, critic)
+    return summary, networks
 
 
 # ======================================================================================================
@@ -890,8 +906,8 @@ def check_same_settings(out, args):
     different = {k: (saved.get(k), v) for k, v in vars(args).items()
                  if k not in PER_RUN_FLAGS and saved.get(k) != (str(v) if isinstance(v, Path) else v)}
     if different:
-        sys.exit(f"error: {out} was made with other settings ({', '.join(f'{k}: run {a} vs now {b}' for k, (a, b) in different.items())}); "
-                 f"use another --sweep-dir or the same flags")
+        listed = ", ".join(f"{k}: run {a} vs now {b}" for k, (a, b) in different.items())
+        sys.exit(f"error: {out} was made with other settings ({listed}); use another --sweep-dir or the same flags")
 
 
 def _sweep_worker(run_args):
@@ -1101,9 +1117,10 @@ def plot(args):
         fig.tight_layout()
         fig.savefig(args.plots_dir / "probe.png", dpi=110)
         plt.close(fig)
-        print("probe R^2 at the end (x, x_dot, theta, theta_dot), mean over seeds:")
+        print("probe R^2 at the end (x, x_dot, theta, theta_dot), mean of the last 10 updates and the seeds:")
         for config in pixel_configs:
-            print(f"  {config}: " + ", ".join(f"{r:.2f}" for r in np.nanmean(sweep[config]["probes"][:, :, -1], 0)))
+            end = np.nanmean(sweep[config]["probes"][:, :, -10:], axis=(0, 2))                # (4,)
+            print(f"  {config}: " + ", ".join(f"{r:.2f}" for r in end))
 
     plot_observation(args, plt)
     print(f"wrote figure3.png, figure3_summary.csv, figure3_curves.csv, probe.png, observation.png "
@@ -1119,9 +1136,8 @@ def plot_observation(args, plt):
     for _ in range(8):                     # push right a few times, so the frames show motion
         x_window = window
         window, states, *_ = step_pixels(envs, np.ones(1, dtype=np.int64), window, np.zeros(1, bool),
-                                         lambda s: render_frames(s, H, W))
-    scene = GymnasiumRenderer(H, W)
-    scene.env.state = states[0].astype(np.float64)
+                                         make_renderer("numpy", H, W))
+    scene = GymnasiumRenderer(H, W).full_scene(states[0])
     fig = plt.figure(figsize=(17, 4.8))
     grid_spec = fig.add_gridspec(3, 4, width_ratios=[1, 1, 1, 1.5], height_ratios=[1, 0.3, 1])
     titles = [["x-encoder input: f(t-2)", "f(t-1)", "f(t)"], ["y-encoder input: f(t-1)", "f(t)", "f(t+1)"]]
@@ -1135,7 +1151,7 @@ def plot_observation(args, plt):
             ax.tick_params(length=0)
             ax.set_title(titles[row][k], fontsize=11)
     ax = fig.add_subplot(grid_spec[:, 3])
-    ax.imshow(scene.env.render())
+    ax.imshow(scene)
     top = SCREEN_HEIGHT - (CROP_BOTTOM + H * SCREEN_WIDTH / W)
     ax.add_patch(plt.Rectangle((0, top), SCREEN_WIDTH - 1, H * SCREEN_WIDTH / W, fill=False, ec="tab:orange", lw=2))
     ax.set_title("gymnasium's 600 x 400 scene at f(t+1)\norange box: the band our frames show", fontsize=11)
@@ -1159,7 +1175,7 @@ def load_run(run_dir, device="cpu"):
     run_args = argparse.Namespace(**json.loads((run_dir / "config.json").read_text()))
     networks = make_networks(run_args, num_actions=2, device=device)
     weights = torch.load(run_dir / "model.pt", map_location=device)
-    for name, net in zip(("x_encoder", "y_encoder", "predictor", "actor", "critic"), networks):
+    for name, net in zip(NETWORK_NAMES, networks):
         net.load_state_dict(weights[name])
     return run_args, networks
 
@@ -1173,7 +1189,7 @@ def play_greedy(run_dir, episodes, seed, on_step=None):
     """Play `episodes` episodes (one per env) with the greedy policy; returns their returns (episodes,)."""
     run_args, (x_encoder, _, _, actor, _) = load_run(run_dir)
     H, W = run_args.image_height, run_args.image_width
-    render = GymnasiumRenderer(H, W) if run_args.renderer == "gymnasium" else (lambda s: render_frames(s, H, W))
+    render = make_renderer(run_args.renderer, H, W)
     envs = gym.make_vec("CartPole-v1", num_envs=episodes, vectorization_mode="vector_entry_point")
     states, _ = envs.reset(seed=seed)
     window = push_frame(np.zeros((episodes, 3, H, W), np.uint8), render(states), np.ones(episodes, bool))
@@ -1203,11 +1219,10 @@ def make_gif(args):
     import matplotlib.pyplot as plt
     from matplotlib.animation import FuncAnimation, PillowWriter
     scenes, windows = [], []
-    scene = GymnasiumRenderer(16, 64)
+    gymnasium_renderer = GymnasiumRenderer(16, 64)           # only its full_scene is used
 
     def record(states, window):
-        scene.env.state = states[0].astype(np.float64)
-        scenes.append(scene.env.render()[::2, ::2])          # (200, 300, 3): half size keeps the GIF small
+        scenes.append(gymnasium_renderer.full_scene(states[0])[::2, ::2])   # (200, 300, 3): half size, small GIF
         windows.append(window[0])
     episode_return = play_greedy(args.gif, 1, seed=10_000 + args.seed, on_step=record)[0]
     frames = range(0, len(scenes), 2)                        # every 2nd step, played at 25 fps = real time
