@@ -5,10 +5,10 @@ A single-file reference implementation of
     Kenneweg, Kenneweg & Hammer, "JEPA for RL: Investigating Joint-Embedding Predictive Architectures
     for Reinforcement Learning", ESANN 2025 (arXiv 2504.16591).
 
-The paper's claim: a vision transformer trained with a JEPA loss (predict the embedding of the *next* frames
-from the embedding of the current frames, in latent space, never in pixels) learns a compact state s_x that a
-PPO agent can act on; the JEPA loss alone collapses (every image -> the same embedding), and either the RL
-gradients or a variance regulariser prevent that.
+The paper's idea: a vision transformer trained with a JEPA loss (predict the embedding of the *next* frames from
+the embedding of the current frames, in latent space, never in pixels) learns a compact state s_x that a PPO
+agent can act on. The paper reports that the JEPA loss alone collapses (every image -> the same embedding) and
+that the RL gradients or a variance regulariser prevent it; the README says what our runs show.
 
     frames f(t-2) f(t-1) f(t)                  frames f(t-1) f(t) f(t+1)
               |                                           |
@@ -24,16 +24,15 @@ gradients or a variance regulariser prevent that.
 The paper's four configurations (Section 3, Figure 3):
     python jepa_cartpole.py --no-jepa --rl-grad    --no-reg   # 1: baseline, encoder trained by PPO only
     python jepa_cartpole.py --jepa    --rl-grad    --no-reg   # 2: JEPA + RL gradients (the paper's best)
-    python jepa_cartpole.py --jepa    --no-rl-grad --no-reg   # 3: JEPA only: collapses
-    python jepa_cartpole.py --jepa    --no-rl-grad --reg      # 4: JEPA + regulariser: no collapse, slower
-and the default set-up command of the README:
+    python jepa_cartpole.py --jepa    --no-rl-grad --no-reg   # 3: JEPA only (the paper: collapses)
+    python jepa_cartpole.py --jepa    --no-rl-grad --reg      # 4: JEPA + regulariser (the paper: no collapse)
+and the README's set-up command:
     python jepa_cartpole.py --jepa --rl-grad --reg
 
-Read it top to bottom: settings -> pixel Cart Pole -> ViT x-encoder -> EMA y-encoder -> predictor ->
-losses (Eq. 1-3) -> gradient propagation -> PPO -> the training loop -> Figure 3 experiments and plots ->
-using a trained agent. Other modes: --figure3, --plot, --eval RUN_DIR, --gif RUN_DIR, --obs state (--help).
-Shape comments use B = batch, N = number of envs, T = rollout length, F = 3 frames, P = patches per frame,
-D = embedding width.
+Part 1 is the method, in the paper's order: settings -> pixel Cart Pole -> x-encoder -> y-encoder -> predictor
+-> losses (Eq. 1-3) -> PPO -> the training loop. Part 2 (skip it on a first reading) holds the experiments and
+tools: --figure3, --collapse, --plot, --eval, --gif, --state-reference, checks and benchmarks (--help).
+Shape comments use B = batch, N = envs, T = rollout length, F = 3 frames, P = patches per frame, D = width of s_x.
 """
 
 import argparse
@@ -41,8 +40,6 @@ import copy
 import csv
 import json
 import math
-import os
-import sys
 import time
 from pathlib import Path
 
@@ -53,255 +50,787 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # ======================================================================================================
-# 1. Settings
+# PART 1: THE METHOD
 # ======================================================================================================
-# Everything the paper fixes has the paper's value as its default (d = 64, tau = 0.99, the three switches,
-# 100k steps). Everything it leaves open (image size, ViT size, PPO settings) is our choice, explained in the
-# flag's help text.
 
-CONFIGURATIONS_HELP = """
-the paper's four configurations (Section 3):
-  1  --no-jepa --rl-grad    --no-reg   baseline: encoder trained by the actor/critic losses only
-  2  --jepa    --rl-grad    --no-reg   JEPA + RL gradients: the paper's best
-  3  --jepa    --no-rl-grad --no-reg   JEPA only: the encoder collapses
-  4  --jepa    --no-rl-grad --reg      JEPA + variance regulariser: no collapse, learns more slowly
-the other four switch combinations run too (they are not in the paper).
-"""
+# ------------------------------------------------------------------------------------------------------
+# 1. Settings
+# ------------------------------------------------------------------------------------------------------
+# What the paper fixes has the paper's value as default (d = 64, tau = 0.99, the three switches, 100k steps).
+# What it leaves open (image size, ViT size, PPO settings) is our choice; each help text says why.
 
 
 def build_parser():
-    p = argparse.ArgumentParser(
-        description="JEPA + PPO on pixel Cart Pole (Kenneweg et al., ESANN 2025).",
-        epilog=CONFIGURATIONS_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    bool_flag = argparse.BooleanOptionalAction
-    # --- the paper's three switches
-    # (None = not given: pixels mode then uses the default in brackets; --obs state refuses them)
-    p.add_argument("--jepa", action=bool_flag, default=None,
-                   help="add the JEPA loss of Eq. 1 to the encoder's training signal [on]")
-    p.add_argument("--rl-grad", action=bool_flag, default=None,
-                   help="let actor and critic gradients flow into the x-encoder (--no-rl-grad detaches s_x) [on]")
-    p.add_argument("--reg", action=bool_flag, default=None,
-                   help="add the variance regulariser of Eq. 2 [off, as in configs 1-3]")
-    p.add_argument("--obs", choices=["pixels", "state"], default="pixels",
-                   help="pixels: the paper's set-up. state: a reference that is not in the paper, the same PPO "
-                        "on the true 4-number state, with no encoder (so no JEPA switches)")
+    p = argparse.ArgumentParser(description="JEPA + PPO on pixel Cart Pole (Kenneweg et al., ESANN 2025).",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    on_off = argparse.BooleanOptionalAction
+    # --- the paper's three switches (with no flags: configuration 2)
+    p.add_argument("--jepa", action=on_off, default=True, help="add the JEPA loss of Eq. 1 to the loss (Eq. 3)")
+    p.add_argument("--rl-grad", action=on_off, default=True,
+                   help="let the actor and critic gradients flow into the x-encoder (--no-rl-grad detaches s_x)")
+    p.add_argument("--reg", action=on_off, default=False, help="add the variance regulariser of Eq. 2")
     # --- the run
     p.add_argument("--seed", type=int, default=1, help="seeds torch, numpy and the environments")
     p.add_argument("--total-steps", type=int, default=100_000,
                    help="environment steps, summed over all envs (the paper plots the first 100k)")
     p.add_argument("--num-envs", type=int, default=16,
                    help="parallel Cart Poles; more envs = bigger, cheaper batches for the network")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads; 0 keeps torch's default (one per core)")
-    p.add_argument("--out", type=Path, default=None,
-                   help="run folder; default runs/<jepa|nojepa>-<rlgrad|norlgrad>-<reg|noreg>-seed<k>")
+    p.add_argument("--device", default="cpu", help="a torch device: cpu, cuda, cuda:1, mps")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 keeps torch's default")
+    p.add_argument("--out", type=Path, default=None, help="run folder [runs/<switches>-seed<k>]")
     p.add_argument("--overwrite", action="store_true", help="allow writing into an existing non-empty --out")
-    p.add_argument("--probe-every", type=int, default=1,
-                   help="fit the linear probe of the true state every this many updates (0: never)")
-    # --- experiments (Section 3, Figure 3)
-    p.add_argument("--figure3", action="store_true",
-                   help="run the paper's 4 configurations x --seeds seeds x --total-steps, then --plot. "
-                        "Resumable: finished runs are skipped, unfinished ones redone")
-    p.add_argument("--plot", action="store_true", help="draw plots/figure3.png and its tables from --sweep-dir")
-    p.add_argument("--sweep-dir", type=Path, default=Path("runs/figure3"), help="where --figure3 keeps its runs")
-    p.add_argument("--plots-dir", type=Path, default=Path("plots"), help="where --plot writes figures and tables")
-    p.add_argument("--seeds", type=int, default=5, help="seeds per configuration for --figure3 (paper: 5)")
-    p.add_argument("--workers", type=int, default=2,
-                   help="--figure3 runs this many runs side by side, one torch thread each (2 cores: 2)")
-    p.add_argument("--window", type=int, default=20, help="episodes in the running average of the return plot")
-    p.add_argument("--reference", action=bool_flag, default=True,
-                   help="--figure3 also runs the state-based PPO reference (--obs state), drawn dashed")
-    p.add_argument("--eval", type=Path, metavar="RUN_DIR",
-                   help="load RUN_DIR/model.pt, play --eval-episodes episodes greedily, report mean +- std")
-    p.add_argument("--eval-episodes", type=int, default=20, help="episodes for --eval")
-    p.add_argument("--gif", type=Path, metavar="RUN_DIR",
-                   help="write <plots-dir>/agent.gif: one greedy episode of RUN_DIR's agent, the full scene "
-                        "beside the three frames its encoder receives")
-    p.add_argument("--benchmark-renderer", action="store_true",
-                   help="time render_frames against gymnasium's own render (+ crop, downsample), then exit")
-    p.add_argument("--renderer", choices=["numpy", "gymnasium"], default="numpy",
-                   help="numpy: our fast vectorised drawing; gymnasium: gymnasium's own pygame rgb_array "
-                        "render, cropped and downsampled the same way (slow, for checking)")
+    p.add_argument("--window", type=int, default=20, help="episodes in the running average of the return")
     # --- pixels and the ViT (the paper fixes only d = 64)
-    p.add_argument("--image-height", type=int, default=16,
-                   help="rows of the grayscale frame; the crop keeps the band where cart and pole live")
-    p.add_argument("--image-width", type=int, default=64,
-                   help="columns of the grayscale frame; the full 4.8-unit track is always visible")
+    p.add_argument("--image-height", type=int, default=16, help="rows of the frame: the band with cart and pole")
+    p.add_argument("--image-width", type=int, default=64, help="columns of the frame: the whole track")
     p.add_argument("--patch-size", type=int, default=8, help="square patch side in pixels")
     p.add_argument("--embed-dim", type=int, default=64, help="d, the width of s_x (paper: 64)")
     p.add_argument("--depth", type=int, default=2, help="transformer blocks in each encoder")
     p.add_argument("--heads", type=int, default=4, help="attention heads per block")
     p.add_argument("--mlp-ratio", type=int, default=2, help="hidden width of the block MLP, in units of d")
+    p.add_argument("--final-norm", action=on_off, default=True,
+                   help="LayerNorm on the CLS output, as in a standard ViT (the paper does not say); without it "
+                        "configuration 2 learned far slower in our tuning runs")
+    # --- JEPA (the paper fixes tau = 0.99 and the unweighted sum of Eq. 3)
     p.add_argument("--predictor-hidden", type=int, default=128, help="hidden width of the two-layer predictor")
     p.add_argument("--ema-tau", type=float, default=0.99,
                    help="y-encoder EMA rate: theta_y <- tau*theta_y + (1-tau)*theta_x (paper: 0.99)")
-    p.add_argument("--jepa-coef", type=float, default=1.0,
-                   help="weight of Eq. 1 in Eq. 3 (the paper's sum has no weights: 1)")
-    p.add_argument("--reg-coef", type=float, default=1.0,
-                   help="weight of Eq. 2 in Eq. 3 (the paper's sum has no weights: 1)")
-    p.add_argument("--final-norm", action=bool_flag, default=True,
-                   help="LayerNorm on the CLS output, as in a standard ViT (the paper does not say). It fixes "
-                        "each s_x's scale across its d features (up to a learned gain); without it config 2 "
-                        "learned far slower (README: what mattered)")
-    p.add_argument("--fresh-targets", action=bool_flag, default=False,
-                   help="recompute s_y with the current y-encoder for every minibatch (+1 forward pass each); "
-                        "default: once per rollout, the y-encoder then lags by the update's EMA steps")
-    # --- PPO (CleanRL's Cart Pole settings, except the rollout shape and no value-loss clipping)
+    p.add_argument("--jepa-coef", type=float, default=1.0, help="weight of Eq. 1 in Eq. 3 (paper: 1)")
+    p.add_argument("--reg-coef", type=float, default=1.0, help="weight of Eq. 2 in Eq. 3 (paper: 1)")
+    p.add_argument("--predictor-lr-scale", type=float, default=1.0,
+                   help="the predictor's learning rate, as a multiple of --learning-rate (a collapse lever)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on all trained networks")
+    p.add_argument("--fresh-targets", action=on_off, default=False,
+                   help="recompute s_y for every minibatch with the current y-encoder (~25%% slower); "
+                        "default: once per rollout, with the y-encoder as the update begins")
+    # --- PPO (CleanRL's Cart Pole settings except where noted)
     p.add_argument("--num-steps", type=int, default=32, help="rollout length per env between updates")
     p.add_argument("--num-minibatches", type=int, default=8,
-                   help="minibatches per epoch; 8 (of 64 transitions) gives twice CleanRL's optimiser steps for "
-                        "the same compute, which the ViT needs (README: what mattered)")
+                   help="minibatches per epoch; 8 (of 64) gives the ViT twice CleanRL's optimiser steps")
     p.add_argument("--update-epochs", type=int, default=4, help="passes over each rollout")
     p.add_argument("--learning-rate", type=float, default=5e-4,
-                   help="Adam learning rate (start value); CleanRL's 2.5e-4 is too slow for the encoder "
-                        "(README: what mattered)")
-    p.add_argument("--anneal-lr", action=bool_flag, default=True, help="decay the learning rate linearly to 0")
+                   help="Adam learning rate, annealed linearly to 0; CleanRL's 2.5e-4 is too slow for the ViT")
+    p.add_argument("--anneal-lr", action=on_off, default=True, help="decay the learning rate linearly to 0")
     p.add_argument("--gamma", type=float, default=0.99, help="discount factor")
     p.add_argument("--gae-lambda", type=float, default=0.95, help="lambda of generalised advantage estimation")
     p.add_argument("--clip-coef", type=float, default=0.2, help="PPO ratio clipping")
     p.add_argument("--ent-coef", type=float, default=0.01, help="entropy bonus weight")
-    p.add_argument("--vf-coef", type=float, default=0.5, help="value loss weight")
+    p.add_argument("--vf-coef", type=float, default=0.5, help="value loss weight (no value clipping)")
     p.add_argument("--max-grad-norm", type=float, default=5.0,
-                   help="gradient clipping (total norm over all trained networks). Not CleanRL's 0.5: the JEPA "
-                        "loss brings gradient norms of ~100, and 0.5 learned far slower (README: what mattered)")
+                   help="gradient clipping over all trained networks; not CleanRL's 0.5: the JEPA loss brings "
+                        "gradient norms of ~100 early on, and 0.5 learned far slower")
+    return p   # Part 2 adds the flags of the experiments and tools, and checks every value's range
+
+
+def rollout_sizes(args):
+    """Derived sizes, in one place (CleanRL style): transitions per rollout and per minibatch, and updates."""
+    batch_size = args.num_envs * args.num_steps
+    return batch_size, batch_size // args.num_minibatches, math.ceil(args.total_steps / batch_size)
+
+
+# ------------------------------------------------------------------------------------------------------
+# 2. Pixel Cart Pole (paper Section 3: "Cart Pole ... using pixel observations")
+# ------------------------------------------------------------------------------------------------------
+# Physics: gymnasium's CartPole-v1, vectorised. The agent never sees the 4-number state; we use it only to
+# *draw* the frame. We draw gymnasium's own scene (a 600 x 400 screen showing 4.8 world units of track)
+# straight at the network's resolution, and only the band where cart and pole can be: sky and floor carry no
+# information. A test checks it against gymnasium's renderer; it is ~170x faster.
+
+SCREEN_WIDTH = 600.0                    # gymnasium's screen, in screen pixels
+SCALE = SCREEN_WIDTH / 4.8              # screen pixels per world unit (world width = 2 * x_threshold)
+CART_HALF_WIDTH, CART_HALF_HEIGHT = 25.0, 15.0
+CART_Y = 100.0                          # cart centre (gymnasium's "carty"); the track line is here
+AXLE_Y = CART_Y + CART_HALF_HEIGHT / 2  # the pole's pivot
+POLE_HALF_WIDTH, POLE_LENGTH = 5.0, SCALE * 1.0
+AXLE_RADIUS = 5.0
+CROP_BOTTOM = 80.0                      # screen y of the frame's bottom edge (just under the cart)
+SKY, CART_GRAY, POLE_GRAY, AXLE_GRAY = 255.0, 0.0, 161.0, 139.2  # luma of gymnasium's colours
+
+
+def box_coverage(offset, low, high, pixel):
+    """Fraction of a pixel of width `pixel`, centred at `offset`, inside [low, high]: exact anti-aliasing for an
+    edge on the pixel grid, so the network can see motion smaller than a pixel."""
+    return np.clip((np.minimum(offset + pixel / 2, high) - np.maximum(offset - pixel / 2, low)) / pixel, 0.0, 1.0)
+
+
+def render_frames(states, height, width):
+    """(N, 4) states [x, x_dot, theta, theta_dot] -> (N, height, width) uint8 frames, white sky, dark objects."""
+    pixel = SCREEN_WIDTH / width                                   # screen pixels per image pixel
+    xs = ((np.arange(width) + 0.5) * pixel).astype(np.float32)    # (W,) pixel-centre screen x
+    ys = (CROP_BOTTOM + (height - np.arange(height) - 0.5) * pixel).astype(np.float32)  # (H,) screen y, y up
+    cart_x = (states[:, 0] * SCALE + SCREEN_WIDTH / 2).astype(np.float32)  # (N,)
+    theta = states[:, 2].astype(np.float32)                        # (N,) radians, positive = leaning right
+    image = np.full((len(states), height, width), SKY, dtype=np.float32)   # (N, H, W)
+
+    def paint(coverage, gray):  # alpha-composite one shape, in gymnasium's drawing order
+        image[:] = image + coverage * (gray - image)
+
+    dx = xs[None, :] - cart_x[:, None]                                                   # (N, W)
+    paint(box_coverage(dx, -CART_HALF_WIDTH, CART_HALF_WIDTH, pixel)[:, None, :]          # cart: (N, 1, W)
+          * box_coverage(ys - CART_Y, -CART_HALF_HEIGHT, CART_HALF_HEIGHT, pixel)[None, :, None], CART_GRAY)
+    dx, dy = dx[:, None, :], (ys - AXLE_Y)[None, :, None]                                 # (N, 1, W), (1, H, 1)
+    sin, cos = np.sin(theta)[:, None, None], np.cos(theta)[:, None, None]                 # (N, 1, 1)
+    along, across = dx * sin + dy * cos, dx * cos - dy * sin      # pole's own frame: (N, H, W) each
+    paint(box_coverage(along, -POLE_HALF_WIDTH, POLE_LENGTH - POLE_HALF_WIDTH, pixel)
+          * box_coverage(across, -POLE_HALF_WIDTH, POLE_HALF_WIDTH, pixel), POLE_GRAY)
+    paint(np.clip((AXLE_RADIUS - np.sqrt(dx * dx + dy * dy)) / pixel + 0.5, 0.0, 1.0), AXLE_GRAY)  # axle disc
+    paint(box_coverage(ys - CART_Y, 0.0, 1.0, pixel)[None, :, None], CART_GRAY)         # track line, drawn last
+    return np.rint(image).astype(np.uint8)
+
+
+def push_frame(windows, frames, episode_start):
+    """Slide each env's window [f(t-2), f(t-1), f(t)] (N, 3, H, W) on by the new frames (N, H, W).
+
+    Where a new episode starts there is no past to show, so its first frame fills all three slots: a window
+    never mixes two episodes.
+    """
+    new = np.concatenate([windows[:, 1:], frames[:, None]], axis=1)  # (N, 3, H, W)
+    new[episode_start] = frames[episode_start, None]
+    return new
+
+
+def step_pixels(envs, actions, window, previous_episode_end, render):
+    """One step of N pixel Cart Poles, with gymnasium 1.x "next-step" autoreset.
+
+    After an episode ends, gymnasium's NEXT step() ignores the action and returns the first observation of a new
+    episode with reward 0. That step is not a real transition: valid = False there, and no loss uses it.
+    Returns (window, states, reward, terminated, episode_end, valid), episode_end = terminated or truncated.
+    """
+    states, reward, terminated, truncated, _ = envs.step(actions)
+    window = push_frame(window, render(states), episode_start=previous_episode_end)
+    return window, states, reward, terminated, terminated | truncated, ~previous_episode_end
+
+
+# ------------------------------------------------------------------------------------------------------
+# 3. x-encoder (paper Section 2, "Input and Encoder")
+# ------------------------------------------------------------------------------------------------------
+# A small vision transformer. The patches of all three frames enter ONE transformer together, so attention can
+# compare the cart in f(t-2) with the cart in f(t): that is where velocity comes from. Each token's positional
+# encoding encodes its patch row, its patch column AND its frame index (without the frame index the frames
+# would be an unordered set and the direction of motion would be lost). A learnable CLS token is prepended;
+# only its last-layer output, s_x (width d = 64), is used downstream.
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + Attention(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, dim, heads, mlp_ratio):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
+
+    def forward(self, x, num_queries=None):     # (B, L, D); num_queries=k: outputs for the first k tokens only
+        B, L, D = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        q, x = q[:, :, :num_queries], x[:, :num_queries]         # q: (B, nh, Q, hs), x: (B, Q, D); Q = L by default
+        attended = F.scaled_dot_product_attention(q, k, v)      # (B, nh, Q, hs): each query over all L tokens
+        x = x + self.proj(attended.transpose(1, 2).flatten(2))  # (B, Q, D)
+        return x + self.mlp(self.norm2(x))
+
+
+def last_block_cls_only(block, x):
+    """Speed, same result: the last block computed for the CLS token alone.
+
+    Only the CLS output is read after the last block, so there only the CLS token needs a query, an attention
+    output and an MLP; every token still supplies keys and values. A default run is ~29% faster with it (README:
+    speed); a test checks that s_x does not change.
+    """
+    return block(x, num_queries=1)                                    # (B, 1, D)
+
+
+class ViTEncoder(nn.Module):
+    """Three grayscale frames (B, 3, H, W) uint8 -> s, the CLS token's last-layer embedding (B, D)."""
+
+    def __init__(self, image_height, image_width, patch_size, dim, depth, heads, mlp_ratio, final_norm=True):
+        super().__init__()
+        self.dim, self.patch_size = dim, patch_size
+        self.rows, self.cols = image_height // patch_size, image_width // patch_size
+        # Patch embedding as in the ViT paper: flatten each p x p patch, one linear map shared by all patches.
+        self.patch_embed = nn.Linear(patch_size * patch_size, dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        # Learnable positional encoding, three tables summed per token: pos(f, r, c) = frame[f] + row[r] + col[c].
+        self.frame_pos = nn.Parameter(torch.randn(3, dim) * 0.02)
+        self.row_pos = nn.Parameter(torch.randn(self.rows, dim) * 0.02)
+        self.col_pos = nn.Parameter(torch.randn(self.cols, dim) * 0.02)
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio) for _ in range(depth))
+        # A final LayerNorm fixes each s's scale across its d features (up to a learned gain and bias).
+        self.norm = nn.LayerNorm(dim) if final_norm else nn.Identity()
+
+    def positional_encoding(self):
+        pos = self.frame_pos[:, None, None] + self.row_pos[None, :, None] + self.col_pos[None, None, :]  # (F, R, C, D)
+        return pos.flatten(0, 2)                                       # (F*R*C, D), in the token order below
+
+    def forward(self, windows):                                        # (B, F, H, W) uint8
+        B, Fr, H, W = windows.shape
+        R, C, p = self.rows, self.cols, self.patch_size
+        ink = 1.0 - windows.float() / 255.0        # 0 on the white sky, 1 on the black cart: empty patches ~ 0
+        patches = ink.view(B, Fr, R, p, C, p).permute(0, 1, 2, 4, 3, 5).reshape(B, Fr * R * C, p * p)  # (B, 3P, p*p)
+        x = self.patch_embed(patches) + self.positional_encoding()    # (B, 3P, D)
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)   # (B, 1+3P, D)
+        for block in self.blocks[:-1]:
+            x = block(x)                                               # (B, 1+3P, D)
+        x = last_block_cls_only(self.blocks[-1], x)                    # (B, 1, D)
+        return self.norm(x[:, 0])                                      # (B, D)  s = the CLS token
+
+
+# ------------------------------------------------------------------------------------------------------
+# 4. y-encoder: an exponential moving average of the x-encoder (paper Section 2, "Input and Encoder")
+# ------------------------------------------------------------------------------------------------------
+# Same architecture, same initial weights (a deep copy). It reads the window one step later,
+# [f(t-1), f(t), f(t+1)], which is exactly the x-encoder's NEXT input: s_y is "the embedding of where the system
+# went". It never receives gradients (requires_grad_(False), and it is not in the optimiser). After every
+# optimiser step its weights follow the x-encoder's:
+#     theta_y <- tau * theta_y + (1 - tau) * theta_x,   tau = 0.99
+
+
+def make_y_encoder(x_encoder):
+    return copy.deepcopy(x_encoder).requires_grad_(False)
+
+
+@torch.no_grad()
+def ema_update(y_encoder, x_encoder, tau):
+    for theta_y, theta_x in zip(y_encoder.parameters(), x_encoder.parameters()):
+        theta_y.lerp_(theta_x, 1.0 - tau)            # theta_y + (1 - tau) * (theta_x - theta_y)
+
+
+# ------------------------------------------------------------------------------------------------------
+# 5. Predictor (paper Section 2, "Predictor")
+# ------------------------------------------------------------------------------------------------------
+# Shallow on purpose, so that the work of predicting is done in the embedding, not in the predictor. It needs
+# the action (JEPA's latent variable z): the next frames depend on which way the cart was pushed. The one-hot
+# action is projected to the hidden width and added after the first layer.
+
+
+class Predictor(nn.Module):
+    def __init__(self, dim, hidden, num_actions):
+        super().__init__()
+        self.num_actions = num_actions
+        self.fc1 = nn.Linear(dim, hidden)
+        self.action_proj = nn.Linear(num_actions, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, s_x, action):                                   # (B, D), (B,) int
+        one_hot = F.one_hot(action, self.num_actions).float()         # (B, A)
+        hidden = F.relu(self.fc1(s_x) + self.action_proj(one_hot))    # (B, hidden)
+        return self.fc2(hidden)                                       # (B, D)  the prediction of s_y
+
+
+# ------------------------------------------------------------------------------------------------------
+# 6. Losses and the collapse indicators (paper Section 2, Eq. 1-2; Eq. 3 is written in the training step)
+# ------------------------------------------------------------------------------------------------------
+
+
+def jepa_loss(s_y_pred, s_y):
+    # Eq. 1: L_jepa = || s_y_pred - s_y ||_2^2, averaged over the batch. The paper says "Euclidean distance"; we
+    # use its square, the usual JEPA/BYOL choice: its gradient 2 (pred - s_y) shrinks smoothly to 0 at a perfect
+    # prediction, while the plain distance's gradient has length 1 however close the prediction is.
+    return (s_y_pred - s_y).pow(2).sum(dim=-1).mean()
+
+
+def embedding_variance(s):
+    # The paper's collapse indicator: the batch-wise variance of each of the d features, averaged over them.
+    # Below 1e-7 the encoder has collapsed: every input maps to (almost) the same s_x.
+    return s.var(dim=0).mean()
+
+
+def variance_regulariser(s_x):
+    # Eq. 2: L_reg = - min(1, (1/d) * sum_i Var_batch(s_x)_i). Minimising it rewards spread across the batch,
+    # the opposite of collapse. Clamped at 1 because variance is unbounded: past 1 it stops pushing.
+    return -torch.clamp(embedding_variance(s_x), max=1.0)
+
+
+def effective_rank(s):
+    # Not in the paper: how many directions the embeddings really use (RankMe, Garrido et al. 2023). With p_k
+    # the singular values of s (n, d) normalised to sum 1: exp(-sum_k p_k log p_k), from 1 (all on one line) to d.
+    singular_values = torch.linalg.svdvals(s)                         # (min(n, d),)
+    p = singular_values / singular_values.sum()
+    return torch.exp(-(p * torch.log(p.clamp_min(1e-30))).sum())
+
+
+COLLAPSE_THRESHOLD = 1e-7
+
+
+# ------------------------------------------------------------------------------------------------------
+# 7. PPO actor-critic (paper Section 3: "an actor-critic-style PPO algorithm")
+# ------------------------------------------------------------------------------------------------------
+# Standard clipped PPO as in CleanRL (without its optional value-loss clipping), acting on s_x through two small
+# heads. Whether their gradients reach the encoder is the --rl-grad switch, in the training step below.
+
+
+def layer_init(layer, std=np.sqrt(2), bias=0.0):
+    nn.init.orthogonal_(layer.weight, std)
+    nn.init.constant_(layer.bias, bias)
+    return layer
+
+
+def make_heads(dim, num_actions, hidden=64):
+    actor = nn.Sequential(layer_init(nn.Linear(dim, hidden)), nn.Tanh(),
+                          layer_init(nn.Linear(hidden, num_actions), std=0.01))  # near-uniform first policy
+    critic = nn.Sequential(layer_init(nn.Linear(dim, hidden)), nn.Tanh(), layer_init(nn.Linear(hidden, 1), std=1.0))
+    return actor, critic
+
+
+def compute_gae(rewards, values, terminated, episode_end, gamma, gae_lambda):
+    """Generalised advantage estimation. rewards, terminated, episode_end: (T, N); values: (T+1, N).
+
+    A termination (the pole fell) has no future: V(next) counts as 0. A truncation (the 500-step limit) is not a
+    failure: the future is bootstrapped with V of the final window, which the next-step autoreset still hands
+    us. Either way the recursion stops at the episode's end. Returns (advantages, returns), both (T, N).
+    """
+    advantages = torch.zeros_like(rewards)
+    next_advantage = torch.zeros_like(rewards[0])
+    for t in reversed(range(rewards.shape[0])):
+        # delta_t = r_t + gamma * V(s_{t+1}) * (1 - terminated_t) - V(s_t)
+        delta = rewards[t] + gamma * values[t + 1] * (1.0 - terminated[t]) - values[t]
+        # A_t = delta_t + gamma * lambda * (1 - episode_end_t) * A_{t+1}
+        next_advantage = delta + gamma * gae_lambda * (1.0 - episode_end[t]) * next_advantage
+        advantages[t] = next_advantage
+    return advantages, advantages + values[:-1]
+
+
+def ppo_losses(logits, values, mb, clip_coef):
+    """Clipped surrogate policy loss, value loss, entropy and approximate KL on one minibatch."""
+    dist = torch.distributions.Categorical(logits=logits)
+    log_ratio = dist.log_prob(mb["actions"]) - mb["logprobs"]
+    ratio = log_ratio.exp()                                           # pi_new(a|s) / pi_old(a|s)
+    advantages = (mb["advantages"] - mb["advantages"].mean()) / (mb["advantages"].std() + 1e-8)
+    # L_policy = E[ max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)) ]: the negative clipped surrogate.
+    policy_loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip_coef, 1 + clip_coef)).mean()
+    value_loss = 0.5 * (values - mb["returns"]).pow(2).mean()        # L_value = 1/2 E[(V(s) - R)^2]
+    with torch.no_grad():
+        approx_kl = ((ratio - 1) - log_ratio).mean()
+    return policy_loss, value_loss, dist.entropy().mean(), approx_kl
+
+
+# ------------------------------------------------------------------------------------------------------
+# 8. The training step and the training loop (flat, CleanRL style)
+# ------------------------------------------------------------------------------------------------------
+
+NETWORK_NAMES = ("x_encoder", "y_encoder", "predictor", "actor", "critic")
+
+
+def make_networks(args, num_actions):
+    x_encoder = ViTEncoder(args.image_height, args.image_width, args.patch_size, args.embed_dim, args.depth,
+                           args.heads, args.mlp_ratio, final_norm=args.final_norm)
+    y_encoder = make_y_encoder(x_encoder)
+    predictor = Predictor(args.embed_dim, args.predictor_hidden, num_actions)
+    actor, critic = make_heads(args.embed_dim, num_actions)
+    return dict(zip(NETWORK_NAMES, (x_encoder, y_encoder, predictor, actor, critic)))
+
+
+def make_optimizer(nets, args):
+    # The y-encoder is deliberately absent: it learns only through the EMA. AdamW with weight decay 0 is Adam.
+    return torch.optim.AdamW(
+        [{"params": [p for k in ("x_encoder", "actor", "critic") for p in nets[k].parameters()],
+          "lr": args.learning_rate, "base_lr": args.learning_rate},
+         {"params": nets["predictor"].parameters(), "lr": args.learning_rate * args.predictor_lr_scale,
+          "base_lr": args.learning_rate * args.predictor_lr_scale}],
+        eps=1e-5, weight_decay=args.weight_decay)
+
+
+def training_step(nets, optimizer, mb, args):
+    """One optimiser step on one minibatch `mb` (a dict of tensors): PPO + Eq. 1-3, then the EMA.
+
+    mb: windows (M, 3, H, W) = [f(t-2), f(t-1), f(t)]; s_y (M, D), the y-encoder's embedding of
+    [f(t-1), f(t), f(t+1)]; actions, logprobs, advantages, returns (M,). Returns the logged numbers.
+    """
+    # 1. Encode: s_x = x-encoder(f(t-2), f(t-1), f(t)).
+    s_x = nets["x_encoder"](mb["windows"])                                            # (M, D)
+
+    # 2. PPO on s_x. SWITCH --rl-grad: with --no-rl-grad this detach cuts the path from the actor and critic
+    #    losses into the x-encoder (the heads still learn on the embedding they are given).
+    s_rl = s_x if args.rl_grad else s_x.detach()
+    policy_loss, value_loss, entropy, approx_kl = ppo_losses(
+        nets["actor"](s_rl), nets["critic"](s_rl).squeeze(-1), mb, args.clip_coef)
+
+    # 3. JEPA: predict the embedding of the next window from s_x and the action (Eq. 1). s_y carries no gradient.
+    l_jepa = jepa_loss(nets["predictor"](s_x, mb["actions"]), mb["s_y"]) if args.jepa else torch.zeros(())
+
+    # 4. The variance regulariser (Eq. 2) on this minibatch's s_x.
+    l_reg = variance_regulariser(s_x)
+
+    # 5. Eq. 3: L = L_actor + L_critic + L_jepa (+ L_reg), with
+    #    L_actor = L_policy - ent_coef * entropy and L_critic = vf_coef * L_value (CleanRL's weights).
+    loss = policy_loss - args.ent_coef * entropy + args.vf_coef * value_loss
+    if args.jepa:   # SWITCH --jepa: the only path from Eq. 1 into the x-encoder and the predictor
+        loss = loss + args.jepa_coef * l_jepa
+    if args.reg:    # SWITCH --reg: the only path from Eq. 2 into the x-encoder
+        loss = loss + args.reg_coef * l_reg
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"non-finite loss {loss.item()} (jepa {l_jepa.item()}, reg {l_reg.item()}, "
+                                 f"policy {policy_loss.item()}, value {value_loss.item()})")
+
+    # 6. Backward and step, all trained networks together (one gradient clip over all of them).
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    trained = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = nn.utils.clip_grad_norm_(trained, args.max_grad_norm)              # the norm before clipping
+    optimizer.step()
+
+    # 7. Momentum update of the y-encoder, after every optimiser step.
+    ema_update(nets["y_encoder"], nets["x_encoder"], args.ema_tau)
+
+    return {"loss": loss, "jepa_loss": l_jepa, "reg_loss": l_reg, "policy_loss": policy_loss,
+            "value_loss": value_loss, "entropy": entropy, "approx_kl": approx_kl, "grad_norm": grad_norm,
+            "embedding_var": embedding_variance(s_x.detach())}
+
+
+# Every logged number, in the order of the columns of updates.csv.
+UPDATE_COLUMNS = ["step", "mean_return", "loss", "jepa_loss", "reg_loss", "policy_loss", "value_loss", "entropy",
+                  "approx_kl", "grad_norm", "embedding_var", "effective_rank", "probe_r2_x", "probe_r2_x_dot",
+                  "probe_r2_theta", "probe_r2_theta_dot", "learning_rate", "sps"]
+
+
+def train(args, render=None):
+    # ---- set-up: seeds, run folder, logs written row by row (a killed run keeps what it did)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    device = torch.device(args.device)
+    batch_size, minibatch_size, num_updates = rollout_sizes(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "config.json").write_text(json.dumps({k: str(v) if isinstance(v, Path) else v
+                                                      for k, v in vars(args).items()}, indent=2))
+    episodes_file = open(args.out / "episodes.csv", "w", newline="")
+    updates_file = open(args.out / "updates.csv", "w", newline="")
+    episodes_log, updates_log = csv.writer(episodes_file), csv.DictWriter(updates_file, fieldnames=UPDATE_COLUMNS)
+    episodes_log.writerow(["step", "return", "length"])
+    updates_log.writeheader()
+
+    # ---- environments, networks, optimiser
+    H, W, N, T = args.image_height, args.image_width, args.num_envs, args.num_steps
+    render = render or (lambda states: render_frames(states, H, W))
+    envs = gym.make_vec("CartPole-v1", num_envs=N, vectorization_mode="vector_entry_point")
+    nets = {k: net.to(device) for k, net in make_networks(args, envs.single_action_space.n).items()}
+    x_encoder, y_encoder, actor, critic = nets["x_encoder"], nets["y_encoder"], nets["actor"], nets["critic"]
+    optimizer = make_optimizer(nets, args)
+    probe_set = make_probe_set(args.seed, H, W)                   # Part 2: a linear probe of the true state
+
+    # ---- rollout storage. windows[t] is the x-encoder's input at step t; windows[t+1] is the y-encoder's.
+    windows = torch.zeros((T + 1, N, 3, H, W), dtype=torch.uint8)    # uint8: 4x less memory than float
+    rollout_s_x = torch.zeros((T, N, args.embed_dim))                # s_x while acting, for the effective rank
+    actions = torch.zeros((T, N), dtype=torch.long)
+    logprobs, rewards, terminated, episode_end = (torch.zeros((T, N)) for _ in range(4))
+    values = torch.zeros((T + 1, N))
+    valid = torch.zeros((T, N), dtype=torch.bool)
+
+    states, _ = envs.reset(seed=args.seed)
+    window = push_frame(np.zeros((N, 3, H, W), np.uint8), render(states), np.ones(N, bool))  # (N, 3, H, W)
+    previous_episode_end = np.zeros(N, dtype=bool)
+    episode_return, episode_length = np.zeros(N), np.zeros(N, dtype=int)
+    recent_returns = []
+    global_step = 0
+    timing = {"env_and_render": 0.0, "rollout_inference": 0.0, "update": 0.0}
+    start = time.time()
+
+    for update in range(1, num_updates + 1):
+        if args.anneal_lr:
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * (1.0 - (update - 1.0) / num_updates)
+
+        # ---- 1. Rollout: act with the current policy for T steps in N envs.
+        windows[0] = torch.from_numpy(window)
+        for t in range(T):
+            tick = time.perf_counter()
+            with torch.inference_mode():                                 # no autograd bookkeeping while acting
+                s_x = x_encoder(windows[t].to(device))                   # (N, D)
+                dist = torch.distributions.Categorical(logits=actor(s_x))
+                action = dist.sample()                                   # (N,)
+                values[t], logprobs[t] = critic(s_x).squeeze(-1).cpu(), dist.log_prob(action).cpu()
+            actions[t], rollout_s_x[t] = action.cpu(), s_x.cpu()
+            tock = time.perf_counter()
+            timing["rollout_inference"] += tock - tick
+
+            window, states, reward, term, ended, is_valid = step_pixels(envs, action.cpu().numpy(), window,
+                                                                        previous_episode_end, render)
+            global_step += N                                   # counts autoreset steps too, as CleanRL does
+            windows[t + 1], valid[t], rewards[t] = torch.from_numpy(window), torch.from_numpy(is_valid), \
+                torch.from_numpy(reward)
+            terminated[t], episode_end[t] = torch.from_numpy(term.astype(np.float32)), \
+                torch.from_numpy(ended.astype(np.float32))
+            previous_episode_end = ended
+            episode_return += reward                           # reward is 0 on an autoreset step
+            episode_length += is_valid
+            for i in np.flatnonzero(ended):
+                episodes_log.writerow([global_step, episode_return[i], episode_length[i]])
+                recent_returns.append(episode_return[i])
+                episode_return[i], episode_length[i] = 0.0, 0
+            episodes_file.flush()
+            timing["env_and_render"] += time.perf_counter() - tock
+
+        # ---- 2. Advantages (GAE) and the JEPA targets s_y for the whole rollout.
+        tick = time.perf_counter()
+        with torch.inference_mode():
+            values[T] = critic(x_encoder(windows[T].to(device))).squeeze(-1).cpu()   # bootstrap value
+            # Speed: s_y = y-encoder(windows[t+1]) once per rollout, with the y-encoder as the update begins (the
+            # EMA still runs after every optimiser step; these targets do not see it until the next rollout).
+            # Recomputing them per minibatch (--fresh-targets) makes a default run ~25% slower.
+            s_y = torch.cat([y_encoder(w.to(device)) for w in windows[1:].flatten(0, 1).split(minibatch_size)])
+        advantages, returns = compute_gae(rewards, values, terminated, episode_end, args.gamma, args.gae_lambda)
+        timing["rollout_inference"] += time.perf_counter() - tick
+
+        # ---- 3. Update: --update-epochs passes over the rollout's valid steps, in --num-minibatches minibatches.
+        tick = time.perf_counter()
+        batch = {"windows": windows[:T].flatten(0, 1), "next_windows": windows[1:].flatten(0, 1), "s_y": s_y,
+                 "actions": actions.flatten(), "logprobs": logprobs.flatten(),
+                 "advantages": advantages.flatten(), "returns": returns.flatten()}             # (B, ...) each
+        valid_indices = torch.nonzero(valid.flatten()).squeeze(1)      # the autoreset steps are left out
+        logged = []
+        for epoch in range(args.update_epochs):
+            for mb_indices in valid_indices[torch.randperm(len(valid_indices))].tensor_split(args.num_minibatches):
+                mb = {k: v[mb_indices].to(device) for k, v in batch.items()}
+                if args.fresh_targets:
+                    with torch.no_grad():
+                        mb["s_y"] = y_encoder(mb["next_windows"])                            # (M, D)
+                logged.append({k: v.item() for k, v in training_step(nets, optimizer, mb, args).items()})
+        timing["update"] += time.perf_counter() - tick
+
+        # ---- 4. Log one row per update and one console line. The collapse indicators: the paper's embedding
+        # variance (mean over the update's minibatches), the effective rank of the rollout's s_x, and the
+        # probe's held-out R^2 for each state variable (Part 2).
+        sps = global_step / (time.time() - start)
+        mean_return = float(np.mean(recent_returns[-args.window:])) if recent_returns else float("nan")
+        row = {k: np.mean([step_numbers[k] for step_numbers in logged]) for k in logged[0]}
+        row.update(step=global_step, mean_return=mean_return, learning_rate=optimizer.param_groups[0]["lr"],
+                   sps=sps, effective_rank=effective_rank(rollout_s_x.flatten(0, 1)).item(),
+                   **probe_r2(x_encoder, probe_set, device))
+        updates_log.writerow(row)
+        updates_file.flush()
+        print(f"step {global_step:>7}/{num_updates * batch_size} | sps {sps:4.0f} | "
+              f"return(last {args.window}) {mean_return:5.1f} | embedding var {row['embedding_var']:.1e} | "
+              f"eff. rank {row['effective_rank']:4.1f} | probe R2 theta {row['probe_r2_theta']:5.2f} | "
+              f"jepa {row['jepa_loss']:.3f}", flush=True)
+        if row["embedding_var"] < COLLAPSE_THRESHOLD:
+            print(f"warning: embedding variance {row['embedding_var']:.1e} < {COLLAPSE_THRESHOLD:g}: "
+                  "the encoder has collapsed (every input maps to the same s_x)", flush=True)
+
+    # ---- the end: weights and a summary
+    episodes_file.close()
+    updates_file.close()
+    envs.close()
+    torch.save({k: net.state_dict() for k, net in nets.items()}, args.out / "model.pt")
+    wall = time.time() - start
+    summary = {"steps": global_step, "wall_s": wall, "sps": global_step / wall, "final_mean_return": mean_return,
+               "return_window_episodes": args.window, "final_embedding_var": row["embedding_var"],
+               "final_effective_rank": row["effective_rank"], "timing_s": timing}
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"done: {global_step} steps in {wall:.0f}s ({summary['sps']:.0f} sps); "
+          f"timing {', '.join(f'{k} {v:.0f}s' for k, v in timing.items())}; logs in {args.out}")
+    return summary, nets
+
+
+# ======================================================================================================
+# PART 2: EXPERIMENTS AND TOOLS (skip on a first reading)
+# ======================================================================================================
+# Nothing below is needed to follow the method. Here: the tools' flags and the range check of every flag, the
+# linear probe, gymnasium's renderer for checking ours, the state-based PPO reference, the Figure 3 and
+# collapse sweeps with their plots, evaluation and the GIF of a trained agent.
+
+import multiprocessing
+import signal
+import sys
+
+CONFIGURATIONS_HELP = """
+the paper's four configurations (Section 3):
+  1  --no-jepa --rl-grad    --no-reg   baseline: encoder trained by the actor/critic losses only
+  2  --jepa    --rl-grad    --no-reg   JEPA + RL gradients: the paper's best, and ours
+  3  --jepa    --no-rl-grad --no-reg   JEPA only: the paper reports collapse; at these defaults none of our runs
+                                       collapsed (README: "When does JEPA collapse?", and --collapse)
+  4  --jepa    --no-rl-grad --reg      JEPA + variance regulariser
+"""
+
+# The collapse demonstration's setting: choices the paper leaves open, never what it fixes (README: "When does
+# JEPA collapse?" has the runs that chose it). Applied on top of the command's flags by --collapse.
+COLLAPSE_SETTING = {"predictor_lr_scale": 0.1}
+COLLAPSE_ARMS = {  # name: (jepa, rl_grad, reg)
+    "JEPA only": (True, False, False),
+    "JEPA + RL gradients": (True, True, False),
+    "JEPA + regulariser": (True, False, True),
+}
+
+
+def add_tool_flags(p):
+    p.epilog = CONFIGURATIONS_HELP
+    tools = p.add_argument_group("experiments and tools (Part 2); at most one of the modes")
+    tools.add_argument("--figure3", action="store_true",
+                       help="run the paper's 4 configurations x --seeds seeds (1, 2, ...) x --total-steps, plus "
+                            "the state-based reference, then --plot. Resumable: finished runs are kept")
+    tools.add_argument("--collapse", action="store_true",
+                       help=f"the collapse demonstration: {', '.join(COLLAPSE_ARMS)} x --seeds seeds in the "
+                            f"collapse setting {COLLAPSE_SETTING}, then --plot. Resumable")
+    tools.add_argument("--plot", action="store_true",
+                       help="redraw the figures and tables in --plots-dir from the finished runs of the sweeps")
+    tools.add_argument("--state-reference", action="store_true",
+                       help="train the state-based PPO reference (not in the paper) on the true 4-number state")
+    tools.add_argument("--eval", type=Path, metavar="RUN_DIR",
+                       help="load RUN_DIR/model.pt, play --eval-episodes episodes greedily, report mean +- std")
+    tools.add_argument("--gif", type=Path, metavar="RUN_DIR",
+                       help="write <plots-dir>/agent.gif: one greedy episode of RUN_DIR's agent, the full scene "
+                            "beside the three frames its encoder receives")
+    tools.add_argument("--benchmark-renderer", action="store_true",
+                       help="time render_frames against gymnasium's own render (+ crop, downsample), then exit")
+    tools.add_argument("--sweep-dir", type=Path, default=Path("runs"),
+                       help="--figure3 and --collapse keep their runs in <sweep-dir>/figure3 and <sweep-dir>/collapse")
+    tools.add_argument("--plots-dir", type=Path, default=Path("plots"), help="where figures and tables go")
+    tools.add_argument("--seeds", type=int, default=5, help="seeds per configuration of a sweep (paper: 5)")
+    tools.add_argument("--workers", type=int, default=2, help="a sweep's runs side by side, one thread each")
+    tools.add_argument("--eval-episodes", type=int, default=20, help="episodes for --eval")
+    tools.add_argument("--renderer", choices=["numpy", "gymnasium"], default="numpy",
+                       help="numpy: our fast drawing; gymnasium: gymnasium's own pygame render, cropped and "
+                            "downsampled the same way (slow, for checking)")
     return p
 
 
-def run_name(obs, jepa, rl_grad, reg):
-    if obs == "state":
-        return "state"
-    return f"{'jepa' if jepa else 'nojepa'}-{'rlgrad' if rl_grad else 'norlgrad'}-{'reg' if reg else 'noreg'}"
+MODES = ("figure3", "collapse", "plot", "state_reference", "eval", "gif", "benchmark_renderer")
+# Every number flag's valid range, [low, high] inclusive (None: unbounded). Checked before anything is written.
+FLAG_RANGES = {
+    "seed": (0, 2**32 - 1), "total_steps": (1, None), "num_envs": (1, None), "threads": (0, None),
+    "window": (1, None), "image_height": (1, None), "image_width": (1, None), "patch_size": (1, None),
+    "embed_dim": (1, None), "depth": (1, None), "heads": (1, None), "mlp_ratio": (1, None),
+    "predictor_hidden": (1, None), "ema_tau": (0.0, 1.0), "jepa_coef": (0.0, None), "reg_coef": (0.0, None),
+    "predictor_lr_scale": (0.0, None), "weight_decay": (0.0, None), "num_steps": (1, None),
+    "num_minibatches": (1, None), "update_epochs": (1, None), "learning_rate": (1e-12, None),
+    "gamma": (0.0, 1.0), "gae_lambda": (0.0, 1.0), "clip_coef": (1e-12, None), "ent_coef": (0.0, None),
+    "vf_coef": (0.0, None), "max_grad_norm": (1e-12, None), "seeds": (1, None), "workers": (1, None),
+    "eval_episodes": (1, None),
+}
+POLE_SPAN = AXLE_Y + POLE_LENGTH - POLE_HALF_WIDTH - CROP_BOTTOM   # screen px above the frame's bottom the pole needs
+
+
+def check_device(name):
+    """The error message for a torch device that does not exist here, or None."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        return f"--device {name} is not a torch device (try cpu, cuda, cuda:0, mps)"
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        return f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s); use --device cpu"
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        return f"--device {name}: MPS is not available on this machine; use --device cpu"
+    if device.type not in ("cpu", "cuda", "mps"):
+        return f"--device {name}: only cpu, cuda and mps are supported"
+    return None
 
 
 def parse_args(argv=None):
-    parser = build_parser()
+    """Parse and check every flag, before anything is written: a bad value is an argparse error (exit code 2)."""
+    parser = add_tool_flags(build_parser())
     args = parser.parse_args(argv)
-    switches = {"jepa": True, "rl_grad": True, "reg": False}          # pixels defaults: configuration 2
-    if args.obs == "state":
-        given = [f"--{'' if getattr(args, k) else 'no-'}{k.replace('_', '-')}" for k in switches
-                 if getattr(args, k) is not None]
-        if given:
-            parser.error(f"{' '.join(given)}: --obs state trains PPO on the true state with no encoder, "
-                         "so the JEPA switches do not apply")
-        switches = dict.fromkeys(switches, False)
-    for k, default in switches.items():
-        if getattr(args, k) is None:
-            setattr(args, k, default)
-    # Bad input is refused here, before anything is written.
+    for name, (low, high) in FLAG_RANGES.items():
+        value = getattr(args, name)
+        if not (low <= value if high is None else low <= value <= high):      # NaN fails both
+            bound = f"at least {low}" if high is None else f"in [{low}, {high}]"
+            parser.error(f"--{name.replace('_', '-')} {value}: must be {bound}")
     if args.image_height % args.patch_size or args.image_width % args.patch_size:
         parser.error(f"--patch-size {args.patch_size} must divide --image-height {args.image_height} "
                      f"and --image-width {args.image_width}")
     if args.embed_dim % args.heads:
         parser.error(f"--heads {args.heads} must divide --embed-dim {args.embed_dim}")
-    for name in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "total_steps", "depth"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if not 0.0 <= args.ema_tau <= 1.0:
-        parser.error("--ema-tau must lie in [0, 1]")
-
-    # Derived sizes, all in one place (CleanRL style).
-    args.batch_size = args.num_envs * args.num_steps                 # transitions per rollout
-    if args.batch_size % args.num_minibatches:
-        parser.error(f"--num-minibatches {args.num_minibatches} must divide the batch "
-                     f"--num-envs x --num-steps = {args.batch_size}")
-    if args.total_steps < args.batch_size:
-        parser.error(f"--total-steps {args.total_steps} is smaller than one rollout "
-                     f"(--num-envs x --num-steps = {args.batch_size})")
-    args.minibatch_size = args.batch_size // args.num_minibatches
-    args.num_updates = math.ceil(args.total_steps / args.batch_size)  # whole rollouts, at least total-steps
-    args.patches_per_frame = (args.image_height // args.patch_size) * (args.image_width // args.patch_size)
-    args.tokens = 1 + 3 * args.patches_per_frame                      # CLS + the patches of 3 frames
-
-    if args.figure3 or args.plot or args.benchmark_renderer or args.eval or args.gif:
-        args.out = None                 # these modes write elsewhere (--sweep-dir, --plots-dir) or nothing
-    elif args.out is None:
-        args.out = Path("runs") / f"{run_name(args.obs, args.jepa, args.rl_grad, args.reg)}-seed{args.seed}"
-    if args.out is not None and args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
-        parser.error(f"--out {args.out} exists and is not empty; pick another --out or pass --overwrite")
-    if args.device == "auto":
-        args.device = ("cuda" if torch.cuda.is_available()
-                       else "mps" if torch.backends.mps.is_available() else "cpu")
+    band = args.image_height * SCREEN_WIDTH / args.image_width          # screen px the frame shows above its bottom
+    if not POLE_SPAN <= band <= 400 - CROP_BOTTOM:
+        parser.error(f"--image-height {args.image_height} with --image-width {args.image_width} shows {band:.0f} "
+                     f"screen pixels of height; the upright pole needs {POLE_SPAN:.0f} and the screen has "
+                     f"{400 - CROP_BOTTOM:.0f}: keep height/width in [{POLE_SPAN / SCREEN_WIDTH:.3f}, "
+                     f"{(400 - CROP_BOTTOM) / SCREEN_WIDTH:.3f}]")
+    batch_size, _, _ = rollout_sizes(args)
+    if batch_size < 8 * args.num_minibatches:
+        parser.error(f"--num-minibatches {args.num_minibatches}: minibatches of the rollout's {batch_size} "
+                     "transitions (--num-envs x --num-steps) need at least 8 samples each (Eq. 2's batch variance)")
+    if args.total_steps < batch_size:
+        parser.error(f"--total-steps {args.total_steps} is smaller than one rollout (--num-envs x --num-steps = "
+                     f"{batch_size})")
+    if (message := check_device(args.device)):
+        parser.error(message)
+    modes = [f"--{m.replace('_', '-')}" for m in MODES if getattr(args, m)]
+    if len(modes) > 1:
+        parser.error(f"{' and '.join(modes)}: choose one mode")
+    for mode in ("eval", "gif"):
+        run = getattr(args, mode)
+        if run is not None and not ((run / "config.json").is_file() and (run / "model.pt").is_file()):
+            parser.error(f"--{mode} {run}: not a finished run folder (it needs config.json and model.pt)")
+    if args.plot and not any(finished_runs(args.sweep_dir / sweep) for sweep in ("figure3", "collapse")):
+        parser.error(f"--plot: no finished run in {args.sweep_dir}/figure3 or {args.sweep_dir}/collapse; run "
+                     f"--figure3 or --collapse first ({args.plots_dir} is left as it is)")
+    if args.collapse:
+        vars(args).update(COLLAPSE_SETTING)
+    if modes and args.out is not None:
+        parser.error(f"--out: {modes[0]} does not write a run folder (sweeps use --sweep-dir)")
+    if not modes or args.state_reference:
+        args.out = args.out or Path("runs") / (f"state-seed{args.seed}" if args.state_reference
+                                               else f"{run_name(args.jepa, args.rl_grad, args.reg)}-seed{args.seed}")
+        if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())) and not args.overwrite:
+            parser.error(f"--out {args.out} exists and is not empty; pick another --out or pass --overwrite")
     return args
 
 
-# ======================================================================================================
-# 2. Pixel Cart Pole (paper Section 3: "Cart Pole ... using pixel observations")
-# ======================================================================================================
-# Physics: gymnasium's CartPole-v1, natively vectorised. The agent never sees its 4-number state; we only use
-# the state to *draw* the frame. Our renderer draws the same scene as gymnasium's own rgb_array renderer
-# (a 600 x 400 screen showing 4.8 world units of track), but straight at the network's resolution and only
-# the band of the screen where cart and pole can be: the sky above and the floor below carry no information.
+def run_name(jepa, rl_grad, reg):
+    return f"{'jepa' if jepa else 'nojepa'}-{'rlgrad' if rl_grad else 'norlgrad'}-{'reg' if reg else 'noreg'}"
 
-SCREEN_WIDTH = 600.0                    # gymnasium's screen, in screen pixels
+
+# ------------------------------------------------------------------------------------------------------
+# 9. What the embedding knows: a linear probe of the true state (not in the paper)
+# ------------------------------------------------------------------------------------------------------
+STATE_NAMES = ["x", "x_dot", "theta", "theta_dot"]
+
+
+def make_probe_set(seed, height, width, size=512):
+    """A fixed set of windows [f(t-2), f(t-1), f(t)] and the true state at f(t), made once per run from the seed.
+
+    Start states cover the range an episode can visit (not only where a random policy goes); two random pushes
+    with gymnasium's own physics follow, so every window shows real motion. The first half fits the probe, the
+    second half scores it, so the probe changes only when the encoder does.
+    """
+    rng = np.random.default_rng([seed, 2024])
+    env = gym.make("CartPole-v1").unwrapped
+    env.reset(seed=seed)
+    start = rng.uniform([-2.0, -1.0, -0.15, -1.0], [2.0, 1.0, 0.15, 1.0], size=(size, 4))
+    trajectory = [start]                                               # the states at t-2, t-1, t
+    for _ in range(2):
+        nxt = []
+        for state, action in zip(trajectory[-1], rng.integers(0, 2, size)):
+            env.state = state.copy()
+            nxt.append(env.step(int(action))[0])
+        trajectory.append(np.array(nxt))
+    windows = np.stack([render_frames(s, height, width) for s in trajectory], axis=1)   # (size, 3, H, W)
+    return torch.from_numpy(windows), torch.tensor(trajectory[-1], dtype=torch.float32)  # (size, 3, H, W), (size, 4)
+
+
+def linear_probe_r2(fit_s, fit_state, test_s, test_state, ridge=1e-3):
+    """Held-out R^2 of a ridge regression s -> true state, per state variable.
+
+    The ridge is absolute (in units of embedding variance): an embedding whose spread has shrunk far below it,
+    as in collapse, is shrunk to the mean prediction and scores R^2 ~ 0: too small for the PPO heads to use.
+    """
+    s_mean, y_mean = fit_s.mean(0), fit_state.mean(0)
+    fit_x, test_x = fit_s - s_mean, test_s - s_mean                            # (n, D)
+    gram = fit_x.T @ fit_x / len(fit_x) + ridge * torch.eye(fit_x.shape[1])   # (D, D)
+    weights = torch.linalg.solve(gram, fit_x.T @ (fit_state - y_mean) / len(fit_x))  # (D, 4)
+    residual = (test_state - (test_x @ weights + y_mean)).pow(2).sum(0)
+    return 1.0 - residual / (test_state - test_state.mean(0)).pow(2).sum(0)
+
+
+def probe_r2(x_encoder, probe_set, device):
+    """{probe_r2_<variable>: held-out R^2} of the x-encoder on the fixed probe set."""
+    windows, states = probe_set
+    with torch.inference_mode():
+        s = x_encoder(windows.to(device)).cpu().double()                        # (size, D)
+    half = len(s) // 2
+    r2 = linear_probe_r2(s[:half], states[:half].double(), s[half:], states[half:].double())
+    return {f"probe_r2_{name}": value for name, value in zip(STATE_NAMES, r2.tolist())}
+
+
+# ------------------------------------------------------------------------------------------------------
+# 10. gymnasium's own renderer, to check ours (a test compares them) and to time it
+# ------------------------------------------------------------------------------------------------------
 SCREEN_HEIGHT = 400.0
-SCALE = SCREEN_WIDTH / 4.8              # screen pixels per world unit (world width = 2 * x_threshold)
-CART_HALF_WIDTH, CART_HALF_HEIGHT = 25.0, 15.0
-CART_Y = 100.0                          # cart centre (gymnasium calls it "carty"); the track line is here
-AXLE_Y = CART_Y + CART_HALF_HEIGHT / 2  # the pole's pivot, 7.5 px above the cart centre
-POLE_HALF_WIDTH = 5.0
-POLE_LENGTH = SCALE * 1.0               # 2 * half-length 0.5 -> 125 px; drawn from -5 px to 120 px
-AXLE_RADIUS = 5.0
-CROP_BOTTOM = 80.0                      # screen y of the frame's bottom edge (just under the cart)
-# Grayscale (ITU-R 601 luma) of gymnasium's colours: white sky, black cart and track, brown pole, blue axle.
-SKY, CART_GRAY, POLE_GRAY, AXLE_GRAY = 255.0, 0.0, 161.0, 139.2
-
-
-def box_coverage(offset, low, high, pixel):
-    """Fraction of a pixel of width `pixel`, centred at `offset`, that lies inside [low, high].
-
-    This is exact anti-aliasing (a box filter) for an edge aligned with the pixel grid: sub-pixel motion of
-    the cart changes the gray level of its edge pixels, so the network can see motion smaller than a pixel.
-    """
-    return np.clip((np.minimum(offset + pixel / 2, high) - np.maximum(offset - pixel / 2, low)) / pixel, 0.0, 1.0)
-
-
-def render_frames(states, height, width):
-    """Draw Cart Pole frames from physics states, vectorised over envs.
-
-    states: (N, 4) float array [x, x_dot, theta, theta_dot]. Returns (N, height, width) uint8 grayscale,
-    white sky, dark objects, row 0 at the top, exactly the scene gymnasium draws (cropped, downsampled).
-    """
-    n = states.shape[0]
-    pixel = SCREEN_WIDTH / width                                   # screen pixels per image pixel
-    top = CROP_BOTTOM + height * pixel                             # screen y of the frame's top edge
-    xs = ((np.arange(width) + 0.5) * pixel).astype(np.float32)    # (W,) pixel-centre screen x
-    ys = (top - (np.arange(height) + 0.5) * pixel).astype(np.float32)  # (H,) pixel-centre screen y (y up)
-    cart_x = (states[:, 0] * SCALE + SCREEN_WIDTH / 2).astype(np.float32)  # (N,)
-    theta = states[:, 2].astype(np.float32)                        # (N,) radians, positive = leaning right
-
-    image = np.full((n, height, width), SKY, dtype=np.float32)    # (N, H, W)
-
-    def paint(coverage, gray):  # alpha-composite one shape, in gymnasium's drawing order
-        image[:] = image + coverage * (gray - image)
-
-    # Cart: an axis-aligned box, so its coverage is the product of two 1-D coverages.
-    dx = xs[None, :] - cart_x[:, None]                                                   # (N, W)
-    paint(box_coverage(dx, -CART_HALF_WIDTH, CART_HALF_WIDTH, pixel)[:, None, :]          # (N, 1, W)
-          * box_coverage(ys - CART_Y, -CART_HALF_HEIGHT, CART_HALF_HEIGHT, pixel)[None, :, None], CART_GRAY)
-    # Pole: the same box test in the pole's own rotated frame (along / across the pole).
-    dx = dx[:, None, :]                                                                   # (N, 1, W)
-    dy = (ys - AXLE_Y)[None, :, None]                                                     # (1, H, 1)
-    sin, cos = np.sin(theta)[:, None, None], np.cos(theta)[:, None, None]                 # (N, 1, 1)
-    along = dx * sin + dy * cos                                                           # (N, H, W)
-    across = dx * cos - dy * sin                                                          # (N, H, W)
-    paint(box_coverage(along, -POLE_HALF_WIDTH, POLE_LENGTH - POLE_HALF_WIDTH, pixel)
-          * box_coverage(across, -POLE_HALF_WIDTH, POLE_HALF_WIDTH, pixel), POLE_GRAY)
-    # Axle: a disc of radius 5 px; a one-pixel ramp on its distance is close enough at this size.
-    paint(np.clip((AXLE_RADIUS - np.sqrt(dx * dx + dy * dy)) / pixel + 0.5, 0.0, 1.0), AXLE_GRAY)
-    # Track: gymnasium's one-screen-pixel horizontal line at y = 100, drawn last.
-    paint(box_coverage(ys - CART_Y, 0.0, 1.0, pixel)[None, :, None], CART_GRAY)
-    return np.rint(image).astype(np.uint8)
 
 
 class GymnasiumRenderer:
-    """gymnasium's own rgb_array renderer, reduced to our frame: grayscale, same crop, box-downsampled.
-
-    Slow (a pygame drawing of 600 x 400 pixels per frame); it is here to check `render_frames` against it
-    (see the tests) and to train on it with --renderer gymnasium if you want to be sure.
-    """
+    """gymnasium's own rgb_array renderer, reduced to our frame: grayscale, same crop, box-downsampled."""
 
     def __init__(self, height, width):
         from gymnasium.envs.classic_control.cartpole import CartPoleEnv
@@ -309,8 +838,7 @@ class GymnasiumRenderer:
         self.env.reset(seed=0)
         pixel = SCREEN_WIDTH / width
         # Screen row r covers screen y in [399 - r, 400 - r) (gymnasium flips y before returning the image).
-        row_top = SCREEN_HEIGHT - (CROP_BOTTOM + height * pixel)
-        self.rows = (int(round(row_top)), int(round(SCREEN_HEIGHT - CROP_BOTTOM)))
+        self.rows = (int(round(SCREEN_HEIGHT - (CROP_BOTTOM + height * pixel))), int(round(SCREEN_HEIGHT - CROP_BOTTOM)))
         self.down_rows = self.box_downsample_matrix(self.rows[1] - self.rows[0], height)  # (H, rows)
         self.down_cols = self.box_downsample_matrix(int(SCREEN_WIDTH), width)             # (W, 600)
 
@@ -318,8 +846,7 @@ class GymnasiumRenderer:
     def box_downsample_matrix(n_in, n_out):
         """(n_out, n_in) matrix averaging each output pixel's share of input pixels (works for any ratio)."""
         edges = np.linspace(0, n_in, n_out + 1)
-        lo, hi = edges[:-1, None], edges[1:, None]
-        i = np.arange(n_in)[None, :]
+        lo, hi, i = edges[:-1, None], edges[1:, None], np.arange(n_in)[None, :]
         overlap = np.clip(np.minimum(hi, i + 1) - np.maximum(lo, i), 0, None)
         return overlap / overlap.sum(1, keepdims=True)
 
@@ -331,18 +858,9 @@ class GymnasiumRenderer:
     def __call__(self, states):
         frames = []
         for state in states:
-            rgb = self.full_scene(state).astype(np.float32)                 # (400, 600, 3)
-            gray = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)  # (400, 600)
-            crop = gray[self.rows[0]:self.rows[1]]                          # (rows, 600)
-            frames.append(self.down_rows @ crop @ self.down_cols.T)         # (H, W)
+            gray = self.full_scene(state).astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+            frames.append(self.down_rows @ gray[self.rows[0]:self.rows[1]] @ self.down_cols.T)  # (H, W)
         return np.rint(np.stack(frames)).astype(np.uint8)                   # (N, H, W)
-
-
-def make_renderer(name, height, width):
-    """--renderer: states (N, 4) -> frames (N, height, width) uint8."""
-    if name == "gymnasium":
-        return GymnasiumRenderer(height, width)
-    return lambda states: render_frames(states, height, width)
 
 
 def benchmark_renderer(height, width, num_envs, repeats=200):
@@ -362,547 +880,38 @@ def benchmark_renderer(height, width, num_envs, repeats=200):
     return ours, theirs
 
 
-def push_frame(windows, frames, episode_start):
-    """Slide each env's 3-frame window forward by one frame.
-
-    windows: (N, 3, H, W) uint8, [f(t-2), f(t-1), f(t)];  frames: (N, H, W), f(t+1);
-    episode_start: (N,) bool. Returns [f(t-1), f(t), f(t+1)]. Where a new episode starts there is no past to
-    show, so its first frame is repeated three times: a window never mixes two episodes.
-    """
-    new = np.concatenate([windows[:, 1:], frames[:, None]], axis=1)  # (N, 3, H, W)
-    new[episode_start] = frames[episode_start, None]
-    return new
-
-
-def step_pixels(envs, actions, window, autoreset, render):
-    """One step of N pixel Cart Poles, with gymnasium 1.x "next-step" autoreset handled.
-
-    After an episode ends, gymnasium's NEXT step() ignores the action and returns the first observation of a
-    new episode, with reward 0. `autoreset` (N,) bool marks those envs (the previous step ended their
-    episode): their new frame starts a fresh window, and the step is not a real transition (valid = False).
-    Returns (window, states, reward, terminated, episode_end, valid); episode_end = terminated OR truncated;
-    states (N, 4) is the true physics state of the newest frame (the agent sees it only with --obs state).
-    """
-    states, reward, terminated, truncated, _ = envs.step(actions)
-    window = push_frame(window, render(states), episode_start=autoreset)
-    return window, states, reward, terminated, terminated | truncated, ~autoreset
-
-
-# ======================================================================================================
-# 3. Input and x-encoder (paper Section 2, "Input and Encoder" and "Learning Objective")
-# ======================================================================================================
-# A small vision transformer. The patch embeddings of all three frames enter ONE transformer together, so
-# attention can compare the cart in f(t-2) with the cart in f(t): that is where velocity comes from. Each
-# token gets a positional encoding of its patch row, its patch column AND its frame index (without the frame
-# index the three frames would be an unordered set and the direction of motion would be lost). A learnable
-# CLS token is prepended; only its last-layer output, s_x (width d = 64), is used downstream.
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block: x + Attention(LN(x)), then x + MLP(LN(x))."""
-
-    def __init__(self, dim, heads, mlp_ratio):
-        super().__init__()
-        self.heads = heads
-        self.norm1 = nn.LayerNorm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
-
-    def forward(self, x, cls_only=False):                                       # (B, L, D), L = 1 + 3P
-        B, L, D = x.shape
-        hs = D // self.heads
-        h = self.norm1(x)
-        if not cls_only:
-            q, k, v = self.qkv(h).view(B, L, 3, self.heads, hs).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, L, hs)
-        else:
-            # Speed: only the CLS output is ever read, so in the last block only the CLS token needs a query,
-            # an attention output and an MLP; every token still provides keys and values. Same s_x, ~1.8x
-            # cheaper encoder (a test checks the two paths agree).
-            q = F.linear(h[:, :1], self.qkv.weight[:D], self.qkv.bias[:D])             # (B, 1, D)
-            q = q.view(B, 1, self.heads, hs).transpose(1, 2)                             # (B, nh, 1, hs)
-            k, v = F.linear(h, self.qkv.weight[D:], self.qkv.bias[D:]).view(B, L, 2, self.heads, hs).permute(
-                2, 0, 3, 1, 4)                                                           # 2 x (B, nh, L, hs)
-            x, L = x[:, :1], 1                                                           # (B, 1, D)
-        attended = F.scaled_dot_product_attention(q, k, v)                      # (B, nh, L, hs)
-        x = x + self.proj(attended.transpose(1, 2).reshape(B, L, D))            # (B, L, D)
-        return x + self.mlp(self.norm2(x))
-
-
-class ViTEncoder(nn.Module):
-    """Three grayscale frames -> s, the CLS token's last-layer embedding (width D)."""
-
-    def __init__(self, image_height, image_width, patch_size, dim, depth, heads, mlp_ratio, frames=3,
-                 final_norm=True):
-        super().__init__()
-        self.dim = dim
-        self.patch_size = patch_size
-        self.rows, self.cols = image_height // patch_size, image_width // patch_size
-        # Patch embedding: one linear map of a patch's p*p pixels, shared by all patches of all frames (the
-        # same as a strided convolution with kernel = stride = p, but cheaper to back-propagate on a CPU).
-        self.patch_embed = nn.Linear(patch_size * patch_size, dim)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        # Learnable positional encoding, factorised into three tables that are summed per token:
-        # pos(frame f, row r, column c) = frame_pos[f] + row_pos[r] + col_pos[c].
-        self.frame_pos = nn.Parameter(torch.randn(frames, dim) * 0.02)
-        self.row_pos = nn.Parameter(torch.randn(self.rows, dim) * 0.02)
-        self.col_pos = nn.Parameter(torch.randn(self.cols, dim) * 0.02)
-        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio) for _ in range(depth))
-        self.norm = nn.LayerNorm(dim) if final_norm else nn.Identity()
-
-    def positional_encoding(self):
-        pos = (self.frame_pos[:, None, None, :]        # (F, 1, 1, D)
-               + self.row_pos[None, :, None, :]        # (1, R, 1, D)
-               + self.col_pos[None, None, :, :])       # (1, 1, C, D)  -> (F, R, C, D)
-        return pos.flatten(0, 2)                       # (F*R*C, D), in the token order below
-
-    def forward(self, windows, cls_only_last_block=True):              # (B, F, H, W) uint8
-        B, Fr, H, W = windows.shape
-        R, C, p = self.rows, self.cols, self.patch_size
-        # "Ink": 0 on the white sky, 1 on the black cart, so empty patches embed to (almost) nothing.
-        ink = 1.0 - windows.float() / 255.0                            # (B, F, H, W)
-        # Cut every frame into R x C patches of p x p pixels, in (frame, row, column) order.
-        patches = ink.view(B, Fr, R, p, C, p).permute(0, 1, 2, 4, 3, 5).reshape(B, Fr * R * C, p * p)
-        x = self.patch_embed(patches)                                  # (B, 3P, D)
-        x = x + self.positional_encoding()                             # (B, 3P, D)
-        x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)    # (B, 1+3P, D)
-        for i, block in enumerate(self.blocks):
-            x = block(x, cls_only=cls_only_last_block and i == len(self.blocks) - 1)
-        return self.norm(x[:, 0])                                      # (B, D)  s = the CLS token
-
-
-# ======================================================================================================
-# 4. y-encoder: an exponential moving average of the x-encoder (paper Section 2, "Input and Encoder")
-# ======================================================================================================
-# The y-encoder has the x-encoder's architecture and starts from the same weights (a deep copy). It reads
-# the window one step later, [f(t-1), f(t), f(t+1)], which is exactly the x-encoder's NEXT input, so s_y is
-# "the embedding of where the system went". It never receives gradients (requires_grad_(False), not in the
-# optimiser); after every optimiser step its weights follow the x-encoder's:
-#     theta_y <- tau * theta_y + (1 - tau) * theta_x,   tau = 0.99
-# A slowly moving target is what keeps BYOL-style methods (paper ref. [8]) from collapsing at once.
-
-
-def make_y_encoder(x_encoder):
-    return copy.deepcopy(x_encoder).requires_grad_(False)
-
-
-@torch.no_grad()
-def ema_update(y_encoder, x_encoder, tau):
-    y_params, x_params = list(y_encoder.parameters()), list(x_encoder.parameters())
-    # theta_y <- tau * theta_y + (1 - tau) * theta_x  (foreach: one call for all tensors, not a Python loop)
-    torch._foreach_mul_(y_params, tau)
-    torch._foreach_add_(y_params, x_params, alpha=1.0 - tau)
-
-
-# ======================================================================================================
-# 5. Predictor (paper Section 2, "Predictor")
-# ======================================================================================================
-# Intentionally shallow, so that the work of predicting is done in the embedding, not in the predictor.
-# It needs the action (the latent variable z of JEPA): the next frames depend on which way the cart was
-# pushed. The one-hot action is projected to the hidden width and added after the first layer.
-
-
-class Predictor(nn.Module):
-    def __init__(self, dim, hidden, num_actions):
-        super().__init__()
-        self.num_actions = num_actions
-        self.fc1 = nn.Linear(dim, hidden)
-        self.action_proj = nn.Linear(num_actions, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, s_x, action):                                   # (B, D), (B,) int
-        one_hot = F.one_hot(action, self.num_actions).float()         # (B, A)
-        hidden = F.relu(self.fc1(s_x) + self.action_proj(one_hot))    # (B, hidden)
-        return self.fc2(hidden)                                       # (B, D)  prediction of s_y
-
-
-# ======================================================================================================
-# 6. Losses (paper Section 2, Eq. 1-3)
-# ======================================================================================================
-
-
-def jepa_loss(s_y_pred, s_y):
-    # Eq. 1:  L_jepa = || s_y_pred - s_y ||_2^2, averaged over the batch.
-    # s_y comes from the y-encoder and carries no gradient: only the x-encoder and predictor learn from it.
-    return (s_y_pred - s_y).pow(2).sum(dim=-1).mean()
-
-
-def variance_regulariser(s_x):
-    # Eq. 2:  L_reg = - min(1, (1/d) * sum_i Var_batch(s_x)_i)
-    # Rewards spread across the batch (the opposite of collapse). Clamped at 1 because variance is unbounded:
-    # once the embeddings vary enough, the regulariser stops pushing.
-    return -torch.clamp(embedding_variance(s_x), max=1.0)
-
-
-def embedding_variance(s_x):
-    # The collapse indicator: mean over the d dimensions of the batch-wise variance; < 1e-7 means collapsed.
-    return s_x.var(dim=0).mean()
-
-
-def total_loss(actor_loss, critic_loss, l_jepa, l_reg, args):
-    # Eq. 3:  L = L_actor + L_critic + L_jepa (+ L_reg)
-    loss = actor_loss + critic_loss
-    if args.jepa:
-        loss = loss + args.jepa_coef * l_jepa
-    if args.reg:
-        loss = loss + args.reg_coef * l_reg
-    return loss
-
-
-# ======================================================================================================
-# 7. Gradient propagation (paper Section 2, "Gradient Propagation")
-# ======================================================================================================
-
-
-def rl_input(s_x, rl_grad):
-    # --rl-grad: the actor and critic losses back-propagate into the x-encoder (configs 1 and 2).
-    # --no-rl-grad: this detach cuts that path; the encoder then learns from Eq. 1 (and 2) only (configs 3, 4),
-    # while actor and critic still train on the (frozen-to-them) embedding.
-    return s_x if rl_grad else s_x.detach()
-
-
-# ======================================================================================================
-# 8. PPO actor-critic (paper Section 3: "an actor-critic-style PPO algorithm")
-# ======================================================================================================
-# Standard clipped PPO as in CleanRL (without its optional value-loss clipping), acting on s_x through two
-# small heads. One gradient-norm clip covers all trained networks together, encoder included.
-
-
-def layer_init(layer, std=np.sqrt(2), bias=0.0):
-    nn.init.orthogonal_(layer.weight, std)
-    nn.init.constant_(layer.bias, bias)
-    return layer
-
-
-def make_heads(dim, num_actions, hidden=64):
-    actor = nn.Sequential(layer_init(nn.Linear(dim, hidden)), nn.Tanh(),
-                          layer_init(nn.Linear(hidden, num_actions), std=0.01))  # near-uniform first policy
-    critic = nn.Sequential(layer_init(nn.Linear(dim, hidden)), nn.Tanh(), layer_init(nn.Linear(hidden, 1), std=1.0))
-    return actor, critic
-
-
-def compute_gae(rewards, values, terminated, episode_end, gamma, gae_lambda):
-    """Generalised advantage estimation over a rollout.
-
-    rewards, terminated, episode_end: (T, N); values: (T+1, N), where values[t] = V(window t) and values[T]
-    is the value of the window after the rollout. episode_end = terminated OR truncated.
-    A termination (the pole fell) has no future: V(next) counts as 0. A truncation (the 500-step time limit)
-    is not a failure: the future is bootstrapped with V of the final window, which gymnasium's next-step
-    autoreset still hands us as the observation after the last step. Either way the advantage recursion stops
-    at the episode's end. Returns (advantages, returns), both (T, N).
-    """
-    advantages = torch.zeros_like(rewards)
-    next_advantage = torch.zeros_like(rewards[0])
-    for t in reversed(range(rewards.shape[0])):
-        # delta_t = r_t + gamma * V(s_{t+1}) * (1 - terminated_t) - V(s_t)
-        delta = rewards[t] + gamma * values[t + 1] * (1.0 - terminated[t]) - values[t]
-        # A_t = delta_t + gamma * lambda * (1 - episode_end_t) * A_{t+1}
-        next_advantage = delta + gamma * gae_lambda * (1.0 - episode_end[t]) * next_advantage
-        advantages[t] = next_advantage
-    return advantages, advantages + values[:-1]
-
-
-def ppo_losses(logits, new_values, actions, old_logprobs, advantages, returns, args):
-    """Actor loss (clipped surrogate minus entropy bonus) and critic loss, for one minibatch."""
-    dist = torch.distributions.Categorical(logits=logits)
-    logratio = dist.log_prob(actions) - old_logprobs
-    ratio = logratio.exp()
-    advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)  # per-minibatch normalisation
-    policy_loss = torch.max(-advantages * ratio,
-                            -advantages * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)).mean()
-    entropy = dist.entropy().mean()
-    value_loss = 0.5 * (new_values - returns).pow(2).mean()
-    with torch.no_grad():
-        approx_kl = ((ratio - 1) - logratio).mean()
-    return policy_loss, value_loss, entropy, approx_kl
-
-
-# ======================================================================================================
-# 9. Training loop (flat, CleanRL style)
-# ======================================================================================================
-
-STATE_NAMES = ["x", "x_dot", "theta", "theta_dot"]
-UPDATE_COLUMNS = ["step", "jepa_loss", "reg_loss", "policy_loss", "value_loss", "entropy", "embedding_var",
-                  "approx_kl", "grad_norm", "learning_rate", "mean_return", "sps"] + [
-                  f"probe_r2_{n}" for n in STATE_NAMES]
-COLLAPSE_THRESHOLD = 1e-7  # the paper's collapse indicator threshold
-
-
-class StateInput(nn.Module):
-    """--obs state: no encoder; the "embedding" is the true 4-number state itself."""
-    dim = 4
-
-    def forward(self, states):                                         # (B, 4)
-        return states
-
-
-NETWORK_NAMES = ("x_encoder", "y_encoder", "predictor", "actor", "critic")   # make_networks' order
-
-
-def make_networks(args, num_actions, device):
-    if args.obs == "pixels":
-        x_encoder = ViTEncoder(args.image_height, args.image_width, args.patch_size, args.embed_dim, args.depth,
-                               args.heads, args.mlp_ratio, final_norm=args.final_norm)
-    else:
-        x_encoder = StateInput()
-    y_encoder = make_y_encoder(x_encoder)
-    predictor = Predictor(x_encoder.dim, args.predictor_hidden, num_actions)
-    actor, critic = make_heads(x_encoder.dim, num_actions)
-    return [net.to(device) for net in (x_encoder, y_encoder, predictor, actor, critic)]
-
-
-def linear_probe_r2(fit_s, fit_state, test_s, test_state, ridge=1e-3):
-    """R^2 of a ridge regression s -> true state, per state variable, on held-out data.
-
-    The ridge strength is absolute (in units of embedding variance): an embedding whose batch variance has
-    fallen far below it, as in collapse, is shrunk to the mean prediction and scores R^2 ~ 0.
-    """
-    if len(fit_s) < 2 or len(test_s) < 2:
-        return torch.full((fit_state.shape[1],), float("nan"))
-    s_mean, y_mean = fit_s.mean(0), fit_state.mean(0)
-    fit_x, test_x = fit_s - s_mean, test_s - s_mean                           # (n, D)
-    gram = fit_x.T @ fit_x / len(fit_x) + ridge * torch.eye(fit_x.shape[1])  # (D, D)
-    weights = torch.linalg.solve(gram, fit_x.T @ (fit_state - y_mean) / len(fit_x))  # (D, 4)
-    prediction = test_x @ weights + y_mean                                    # (m, 4)
-    residual = (test_state - prediction).pow(2).sum(0)
-    total = (test_state - test_state.mean(0)).pow(2).sum(0)
-    return 1.0 - residual / total
-
-
-def train(args):
-    # ---- set-up: seeds, folders, logs
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    np.random.seed(args.seed)
-    device = torch.device(args.device)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "config.json").write_text(json.dumps({k: str(v) if isinstance(v, Path) else v
-                                                      for k, v in vars(args).items()}, indent=2))
-    # One row per line, flushed at once: a killed run keeps everything it did.
-    episodes_file = open(args.out / "episodes.csv", "w", newline="")
-    updates_file = open(args.out / "updates.csv", "w", newline="")
-    episodes_log = csv.writer(episodes_file)
-    updates_log = csv.DictWriter(updates_file, fieldnames=UPDATE_COLUMNS)
-    episodes_log.writerow(["step", "return", "length"])
-    updates_log.writeheader()
-    episodes_file.flush()
-    updates_file.flush()
-
-    # ---- environments and renderer
-    envs = gym.make_vec("CartPole-v1", num_envs=args.num_envs, vectorization_mode="vector_entry_point")
-    num_actions = envs.single_action_space.n
-    H, W, N, T = args.image_height, args.image_width, args.num_envs, args.num_steps
-    render = make_renderer(args.renderer, H, W)
-
-    # ---- networks: x-encoder, its EMA copy (y-encoder), predictor, actor and critic
-    x_encoder, y_encoder, predictor, actor, critic = make_networks(args, num_actions, device)
-    trained = nn.ModuleList([x_encoder, predictor, actor, critic])   # the y-encoder is deliberately absent
-    optimizer = torch.optim.Adam(trained.parameters(), lr=args.learning_rate, eps=1e-5)
-
-    # ---- rollout storage. windows[t] is the x-encoder input at step t; windows[t+1] is its y-encoder target.
-    windows = torch.zeros((T + 1, N, 3, H, W), dtype=torch.uint8)    # uint8: 4x less memory than float
-    true_states = torch.zeros((T + 1, N, 4))                         # the physics state of each window's f(t)
-    inputs = windows if args.obs == "pixels" else true_states       # what the agent observes
-    rollout_s_x = torch.zeros((T, N, x_encoder.dim))                 # s_x while acting, for the linear probe
-    actions = torch.zeros((T, N), dtype=torch.long)
-    logprobs = torch.zeros((T, N))
-    rewards = torch.zeros((T, N))
-    values = torch.zeros((T + 1, N))
-    terminated = torch.zeros((T, N))
-    episode_end = torch.zeros((T, N))
-    valid = torch.zeros((T, N), dtype=torch.bool)
-
-    # gymnasium 1.x "next-step" autoreset (see step_pixels): the step after an episode's end is not a real
-    # transition; it is marked invalid and no loss is computed on it.
-    states, _ = envs.reset(seed=args.seed)
-    window = push_frame(np.zeros((N, 3, H, W), np.uint8), render(states), np.ones(N, dtype=bool))  # (N,3,H,W)
-    last_step_ended = np.zeros(N, dtype=bool)
-    episode_return, episode_length = np.zeros(N), np.zeros(N, dtype=int)
-    recent_returns = []
-    global_step = 0
-    timing = {"env_and_render": 0.0, "rollout_inference": 0.0, "update": 0.0}
-    start = time.time()
-
-    for update in range(1, args.num_updates + 1):
-        if args.anneal_lr:
-            optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - (update - 1.0) / args.num_updates)
-
-        # ---- 9a. Rollout: act with the current policy for T steps in N envs.
-        windows[0], true_states[0] = torch.from_numpy(window), torch.from_numpy(states)
-        for t in range(T):
-            tick = time.perf_counter()
-            with torch.inference_mode():   # no autograd bookkeeping while acting
-                s_x = x_encoder(inputs[t].to(device))                          # (N, D)
-                logits, value = actor(s_x), critic(s_x).squeeze(-1)            # (N, A), (N,)
-                dist = torch.distributions.Categorical(logits=logits)
-                action = dist.sample()                                         # (N,)
-            actions[t], logprobs[t], values[t] = action.cpu(), dist.log_prob(action).cpu(), value.cpu()
-            rollout_s_x[t] = s_x.cpu()
-            tock = time.perf_counter()
-            timing["rollout_inference"] += tock - tick
-
-            window, states, reward, term, ended, is_valid = step_pixels(envs, action.cpu().numpy(), window,
-                                                                        autoreset=last_step_ended, render=render)
-            global_step += N                                   # counts autoreset steps too, as CleanRL does
-            windows[t + 1], true_states[t + 1] = torch.from_numpy(window), torch.from_numpy(states)
-            valid[t] = torch.from_numpy(is_valid)
-            rewards[t] = torch.from_numpy(reward)
-            terminated[t] = torch.from_numpy(term.astype(np.float32))
-            episode_end[t] = torch.from_numpy(ended.astype(np.float32))
-            last_step_ended = ended
-
-            episode_return += reward                           # reward is 0 on an autoreset step
-            episode_length += is_valid
-            for i in np.flatnonzero(ended):
-                episodes_log.writerow([global_step, episode_return[i], episode_length[i]])
-                recent_returns.append(episode_return[i])
-                episode_return[i], episode_length[i] = 0.0, 0
-            if ended.any():
-                episodes_file.flush()
-            timing["env_and_render"] += time.perf_counter() - tock
-
-        tick = time.perf_counter()
-        with torch.inference_mode():
-            values[T] = critic(x_encoder(inputs[T].to(device))).squeeze(-1).cpu()  # bootstrap value
-        advantages, returns = compute_gae(rewards, values, terminated, episode_end, args.gamma, args.gae_lambda)
-        timing["rollout_inference"] += time.perf_counter() - tick
-
-        # ---- 9b. Update: PPO + JEPA on the rollout, in minibatches.
-        tick = time.perf_counter()
-        b_inputs = inputs[:T].flatten(0, 1)                     # (B, 3, H, W)  x-encoder inputs
-        b_next_inputs = inputs[1:].flatten(0, 1)                # (B, 3, H, W)  y-encoder inputs
-        b_actions, b_logprobs = actions.reshape(-1), logprobs.reshape(-1)
-        b_advantages, b_returns = advantages.reshape(-1), returns.reshape(-1)
-        valid_idx = torch.nonzero(valid.reshape(-1)).squeeze(1)  # drop the autoreset steps
-        if args.jepa and not args.fresh_targets:
-            # Targets s_y for the whole rollout in one pass: the y-encoder's input at step t is the x-encoder's
-            # input at t+1. Speed: computed once per rollout, so within an update the targets lag the y-encoder
-            # (by the default 4 x 8 = 32 EMA steps of 1%, it has moved ~27% of the way to the x-encoder by the
-            # last minibatch). --fresh-targets recomputes them for every minibatch instead.
-            with torch.no_grad():
-                b_s_y = torch.cat([y_encoder(chunk.to(device)) for chunk in
-                                   b_next_inputs.split(args.minibatch_size)])                         # (B, D)
-
-        stats = {k: 0.0 for k in ("jepa_loss", "reg_loss", "policy_loss", "value_loss", "entropy",
-                                  "embedding_var", "approx_kl", "grad_norm")}
-        num_minibatch_steps = 0
-        for epoch in range(args.update_epochs):
-            # --num-minibatches near-equal minibatches of the valid steps (never a tiny leftover one).
-            for mb in valid_idx[torch.randperm(len(valid_idx))].tensor_split(args.num_minibatches):
-                mb_dev = mb.to(device)
-                s_x = x_encoder(b_inputs[mb].to(device))                       # (M, D)
-                # Gradient propagation switch (Section 2): the one place where --no-rl-grad acts.
-                s_rl = rl_input(s_x, args.rl_grad)
-                policy_loss, value_loss, entropy, approx_kl = ppo_losses(
-                    actor(s_rl), critic(s_rl).squeeze(-1), b_actions[mb].to(device), b_logprobs[mb].to(device),
-                    b_advantages[mb].to(device), b_returns[mb].to(device), args)
-                actor_loss = policy_loss - args.ent_coef * entropy
-                critic_loss = args.vf_coef * value_loss
-                l_jepa = torch.zeros((), device=device)
-                if args.jepa:
-                    if args.fresh_targets:
-                        with torch.no_grad():
-                            s_y = y_encoder(b_next_inputs[mb].to(device))         # (M, D)
-                    else:
-                        s_y = b_s_y[mb_dev]                                      # (M, D)
-                    l_jepa = jepa_loss(predictor(s_x, b_actions[mb].to(device)), s_y)
-                l_reg = variance_regulariser(s_x)
-                loss = total_loss(actor_loss, critic_loss, l_jepa, l_reg, args)
-                if not torch.isfinite(loss):
-                    episodes_file.close()
-                    updates_file.close()
-                    sys.exit(f"error: non-finite loss ({loss.item()}) at step {global_step} "
-                             f"(jepa {l_jepa.item()}, reg {l_reg.item()}, policy {policy_loss.item()}, "
-                             f"value {value_loss.item()}); the logs so far are in {args.out}")
-
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = nn.utils.clip_grad_norm_(trained.parameters(), args.max_grad_norm)  # before clipping
-                optimizer.step()
-                if args.jepa:                                    # only the JEPA loss reads the y-encoder
-                    ema_update(y_encoder, x_encoder, args.ema_tau)   # after every optimiser step
-
-                for k, v in (("jepa_loss", l_jepa), ("reg_loss", l_reg), ("policy_loss", policy_loss),
-                             ("value_loss", value_loss), ("entropy", entropy),
-                             ("embedding_var", embedding_variance(s_x.detach())), ("approx_kl", approx_kl),
-                             ("grad_norm", grad_norm)):
-                    stats[k] += v.item()
-                num_minibatch_steps += 1
-        timing["update"] += time.perf_counter() - tick
-
-        # ---- 9c. A linear probe: how much of the true state can a linear map read from s_x? (Not in the
-        # paper; it shows what the embedding knows. Collapse reads as R^2 near 0.) Fit on half of the envs'
-        # rollout steps, scored on the other half.
-        probe = {}
-        if args.probe_every and update % args.probe_every == 0 and args.obs == "pixels":
-            half = N // 2
-            fit, held_out = valid[:, :half], valid[:, half:]
-            r2 = linear_probe_r2(rollout_s_x[:, :half][fit], true_states[:T, :half][fit],
-                                 rollout_s_x[:, half:][held_out], true_states[:T, half:][held_out])
-            probe = {f"probe_r2_{name}": f"{v:.4f}" for name, v in zip(STATE_NAMES, r2.tolist())}
-
-        # ---- 9d. Log one row per update and one console line.
-        elapsed = time.time() - start
-        sps = global_step / elapsed
-        mean_return = float(np.mean(recent_returns[-args.window:])) if recent_returns else float("nan")
-        row = {k: v / max(num_minibatch_steps, 1) for k, v in stats.items()}
-        row.update(step=global_step, learning_rate=optimizer.param_groups[0]["lr"], mean_return=mean_return,
-                   sps=sps, **probe)
-        updates_log.writerow(row)
-        updates_file.flush()
-        eta = (args.num_updates * args.batch_size - global_step) / sps
-        print(f"step {global_step:>7}/{args.num_updates * args.batch_size} | sps {sps:5.0f} | eta {eta:5.0f}s"
-              f" | return(last {args.window}) {mean_return:6.1f} | embedding var {row['embedding_var']:.2e}"
-              f" | jepa {row['jepa_loss']:.3f}", flush=True)
-        if row["embedding_var"] < COLLAPSE_THRESHOLD:
-            print(f"warning: embedding variance {row['embedding_var']:.1e} < {COLLAPSE_THRESHOLD:g}: "
-                  "the encoder has collapsed (every input maps to the same s_x)", flush=True)
-
-    episodes_file.close()
-    updates_file.close()
-    envs.close()
-    networks = (x_encoder, y_encoder, predictor, actor, critic)
-    torch.save({name: net.state_dict() for name, net in zip(NETWORK_NAMES, networks)}, args.out / "model.pt")
-    summary = {"steps": global_step, "wall_s": time.time() - start, "sps": global_step / (time.time() - start),
-               "final_mean_return": mean_return, "return_window_episodes": args.window,
-               "final_embedding_var": row["embedding_var"],
-               "timing_s": timing}
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"done: {global_step} steps in {summary['wall_s']:.0f}s ({summary['sps']:.0f} sps); "
-          f"timing {', '.join(f'{k} {v:.0f}s' for k, v in timing.items())}; logs in {args.out}")
-    return summary, networks
-
-
-# ======================================================================================================
-# 10. Experiments and plots (paper Section 3, Figure 3)
-# ======================================================================================================
-# Figure 3: running average of the episodic return over the first 100k environment steps, 5 runs for each of
-# the four configurations, and the batch-wise embedding variance (the collapse indicator).
-
+# ------------------------------------------------------------------------------------------------------
+# 11. The state-based reference: PPO on the true 4-number state (not in the paper)
+# ------------------------------------------------------------------------------------------------------
+def train_state_reference(seed, total_steps, out, threads=1):
+    raise NotImplementedError
+
+
+# ------------------------------------------------------------------------------------------------------
+# 12. Sweeps: Figure 3 (paper Section 3) and the collapse demonstration
+# ------------------------------------------------------------------------------------------------------
 FIGURE3_CONFIGS = {  # paper number: (jepa, rl_grad, reg, label)
     1: (False, True, False, "1: no JEPA, RL gradients (baseline)"),
     2: (True, True, False, "2: JEPA + RL gradients"),
     3: (True, False, False, "3: JEPA, no RL gradients"),
     4: (True, False, True, "4: JEPA + regulariser, no RL gradients"),
 }
-CONFIG_COLORS = {1: "tab:purple", 2: "tab:blue", 3: "tab:red", 4: "tab:green"}
+COLORS = {1: "tab:purple", 2: "tab:blue", 3: "tab:red", 4: "tab:green", "state": "black",
+          "JEPA only": "tab:red", "JEPA + RL gradients": "tab:blue", "JEPA + regulariser": "tab:green"}
+# Flags that may differ between the runs of one sweep, or do not change what a run computes.
+PER_RUN_FLAGS = {"out", "seed", "threads", "jepa", "rl_grad", "reg", "device", "overwrite", "window", *MODES,
+                 "sweep_dir", "plots_dir", "seeds", "workers", "eval_episodes", "renderer"}
 
 
-def is_finished(out):
-    return (out / "summary.json").exists()   # written only after the last update
-
-
-# Flags that differ between the runs of one sweep, or do not change what a run computes.
-PER_RUN_FLAGS = {"out", "seed", "threads", "jepa", "rl_grad", "reg", "obs", "device", "overwrite", "figure3",
-                 "plot", "sweep_dir", "plots_dir", "seeds", "workers", "window", "reference", "eval",
-                 "eval_episodes", "gif", "benchmark_renderer"}
+def finished_runs(sweep_dir):
+    return sorted(d for d in sweep_dir.glob("*-seed*") if (d / "summary.json").exists()) if sweep_dir.is_dir() else []
 
 
 def check_same_settings(out, args):
     """Refuse to reuse or plot a finished run that was made with other settings than this command's."""
     saved = json.loads((out / "config.json").read_text())
+    if saved.get("state_reference"):
+        return
     different = {k: (saved.get(k), v) for k, v in vars(args).items()
                  if k not in PER_RUN_FLAGS and saved.get(k) != (str(v) if isinstance(v, Path) else v)}
     if different:
@@ -910,68 +919,68 @@ def check_same_settings(out, args):
         sys.exit(f"error: {out} was made with other settings ({listed}); use another --sweep-dir or the same flags")
 
 
+def sweep_jobs(args, kind):
+    """{group: [run Namespace per seed]}: Figure 3's configurations (and the state reference), or collapse arms."""
+    groups = ({c: (j, g, r) for c, (j, g, r, _) in FIGURE3_CONFIGS.items()} if kind == "figure3"
+              else dict(COLLAPSE_ARMS))
+    jobs = {group: [argparse.Namespace(**{**vars(args), "jepa": j, "rl_grad": g, "reg": r, "seed": seed,
+                                          "threads": 1, "state_reference": False, "figure3": False, "collapse": False,
+                                          "out": args.sweep_dir / kind / f"{run_name(j, g, r)}-seed{seed}"})
+                    for seed in range(1, args.seeds + 1)] for group, (j, g, r) in groups.items()}
+    if kind == "figure3":
+        jobs["state"] = [argparse.Namespace(**{**vars(args), "state_reference": True, "seed": seed, "threads": 1,
+                                               "out": args.sweep_dir / kind / f"state-seed{seed}"})
+                         for seed in range(1, args.seeds + 1)]
+    return jobs
+
+
 def _sweep_worker(run_args):
-    """One run of the sweep, in its own process; its console lines go to console.log in its folder."""
+    """One run of a sweep, in its own process; its console lines go to console.log in its folder."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)       # Ctrl-C is the parent's to handle
     torch.set_num_threads(1)
     run_args.out.mkdir(parents=True, exist_ok=True)
     with open(run_args.out / "console.log", "w") as console:
         sys.stdout = console
-        train(run_args)
+        if run_args.state_reference:
+            train_state_reference(run_args.seed, run_args.total_steps, run_args.out)
+        else:
+            train(run_args)
+            plot_training(run_args.out)
 
 
 def last_logged_step(out):
     try:
-        with open(out / "updates.csv") as f:
-            last = f.readlines()[-1]
-        return int(last.split(",")[0])
+        return int((out / "updates.csv").read_text().splitlines()[-1].split(",")[0])
     except (OSError, IndexError, ValueError):
         return 0
 
 
-def sweep_configs(args):
-    """The paper's four configurations, plus the state-based reference (not in the paper) unless --no-reference."""
-    configs = {c: dict(obs="pixels", jepa=j, rl_grad=g, reg=r) for c, (j, g, r, _) in FIGURE3_CONFIGS.items()}
-    if args.reference:
-        configs["state"] = dict(obs="state", jepa=False, rl_grad=False, reg=False)
-    return configs
-
-
-def run_dir(sweep_dir, config, seed):
-    if config == "state":
-        return sweep_dir / f"state-seed{seed}"
-    jepa, rl_grad, reg, _ = FIGURE3_CONFIGS[config]
-    return sweep_dir / f"{run_name('pixels', jepa, rl_grad, reg)}-seed{seed}"
-
-
-def figure3(args):
-    """Run every (configuration, seed) that has not finished yet, `--workers` at a time, then plot."""
-    import multiprocessing
+def run_sweep(args, kind):
+    """Run every run of the sweep that has not finished yet, --workers at a time, then plot."""
     jobs = []
-    for config, switches in sweep_configs(args).items():
-        for seed in range(1, args.seeds + 1):
-            out = run_dir(args.sweep_dir, config, seed)
-            if is_finished(out):
-                check_same_settings(out, args)
+    for group_jobs in sweep_jobs(args, kind).values():
+        for job in group_jobs:
+            if (job.out / "summary.json").exists():
+                check_same_settings(job.out, job)
                 continue                                   # never overwrite a finished run
-            jobs.append(argparse.Namespace(**{**vars(args), **switches, "seed": seed, "out": out, "threads": 1}))
-    total_runs = len(sweep_configs(args)) * args.seeds
-    steps_per_run = args.num_updates * args.batch_size
-    print(f"figure3: {total_runs - len(jobs)}/{total_runs} runs already finished in {args.sweep_dir}; "
-          f"running {len(jobs)} with {args.workers} workers (progress: console.log in each run folder)")
+            jobs.append(job)
+    total = sum(len(g) for g in sweep_jobs(args, kind).values())
+    steps_per_run = rollout_sizes(args)[2] * rollout_sizes(args)[0]
+    print(f"{kind}: {total - len(jobs)}/{total} runs already finished in {args.sweep_dir / kind}; running "
+          f"{len(jobs)} with {args.workers} workers (progress: console.log in each run folder)")
     start = time.time()
-    with multiprocessing.get_context("spawn").Pool(args.workers, maxtasksperchild=1) as pool:
+    pool = multiprocessing.get_context("spawn").Pool(args.workers, maxtasksperchild=1)
+    try:
         pending = [pool.apply_async(_sweep_worker, (job,)) for job in jobs]
-        # One progress line for the whole sweep: redrawn in place on a terminal, a new line a minute in a log.
         last_print = 0.0
-        while True:
+        while True:   # one progress line: redrawn in place on a terminal, a new line a minute in a log
             done = sum(p.ready() for p in pending)
             if done == len(jobs) or time.time() - last_print > (2 if sys.stdout.isatty() else 60):
                 last_print = time.time()
-                steps = sum(steps_per_run if p.ready() else last_logged_step(job.out)
-                            for p, job in zip(pending, jobs))
+                steps = sum(steps_per_run if p.ready() else last_logged_step(job.out) for p, job in zip(pending, jobs))
                 sps = steps / max(time.time() - start, 1e-9)
                 eta = f"{(len(jobs) * steps_per_run - steps) / sps / 60:5.1f} min" if steps else "?"
-                print(f"\rfigure3: {done}/{len(jobs)} runs done | {steps:,}/{len(jobs) * steps_per_run:,} steps | "
+                print(f"\r{kind}: {done}/{len(jobs)} runs done | {steps:,}/{len(jobs) * steps_per_run:,} steps | "
                       f"{sps:4.0f} sps | {time.time() - start:5.0f}s elapsed | eta {eta}",
                       end="" if sys.stdout.isatty() else "\n", flush=True)
             if done == len(jobs):
@@ -979,8 +988,19 @@ def figure3(args):
             time.sleep(1)
         print()
         for p in pending:
-            p.get()                                       # re-raise a failed run's error here
+            p.get()                                        # re-raise a failed run's error here
+    finally:
+        pool.terminate()                                   # on Ctrl-C: unfinished runs are redone next time
+    (args.sweep_dir / kind).mkdir(parents=True, exist_ok=True)
+    (args.sweep_dir / kind / "sweep.json").write_text(json.dumps(
+        {"runs": len(jobs), "wall_s": time.time() - start, "steps": len(jobs) * steps_per_run,
+         "aggregate_sps": len(jobs) * steps_per_run / (time.time() - start), "workers": args.workers}, indent=2))
     plot(args)
+
+
+# ------------------------------------------------------------------------------------------------------
+# 13. Plots: Figure 3, the collapse figure, a figure for every run
+# ------------------------------------------------------------------------------------------------------
 
 
 def running_average_curve(episodes, grid, window):
@@ -993,138 +1013,177 @@ def running_average_curve(episodes, grid, window):
         return (cumulative[finished] - cumulative[first]) / (finished - first)
 
 
-def load_sweep(args, grid):
-    """Per configuration, the finished runs' curves on `grid`: return (running average), variance, probe R^2."""
-    sweep = {}
-    for config in sweep_configs(args):
-        runs = [run_dir(args.sweep_dir, config, s) for s in range(1, args.seeds + 1)]
-        runs = [r for r in runs if is_finished(r)]
-        if not runs:
-            continue
-        seeds, curves, variances, probes, final_var, walls = [], [], [], [], [], []
-        for seed_dir in runs:
-            check_same_settings(seed_dir, args)
-            episodes = np.loadtxt(seed_dir / "episodes.csv", delimiter=",", skiprows=1, ndmin=2)
-            updates = read_csv(seed_dir / "updates.csv")
-            seeds.append(int(seed_dir.name.rsplit("seed", 1)[1]))
-            curves.append(running_average_curve(episodes, grid, args.window))
-            variances.append(np.interp(grid, updates["step"], updates["embedding_var"]))
-            probes.append(np.stack([np.interp(grid, updates["step"], updates[f"probe_r2_{n}"])
-                                    for n in STATE_NAMES]))                         # (4, len(grid))
-            final_var.append(updates["embedding_var"][-1])
-            walls.append(json.loads((seed_dir / "summary.json").read_text())["wall_s"])
-        sweep[config] = dict(seeds=seeds, curves=np.array(curves), variances=np.array(variances),
-                             probes=np.array(probes), final_var=np.array(final_var), walls=np.array(walls))
-    return sweep
-
-
 def read_csv(path):
-    """Columns of a CSV as float arrays (empty cells, such as steps without a probe, become NaN)."""
+    """Columns of a CSV as float arrays (empty cells become NaN)."""
     with open(path) as f:
         rows = list(csv.DictReader(f))
     return {k: np.array([float(r[k]) if r[k] not in ("", None) else np.nan for r in rows]) for k in rows[0]}
 
 
+def load_runs(run_dirs, grid, window):
+    """Finished runs' curves on `grid`: the running-average return and every column of updates.csv."""
+    runs = {"seeds": [], "return": [], "wall_s": []}
+    for run in run_dirs:
+        episodes = np.loadtxt(run / "episodes.csv", delimiter=",", skiprows=1, ndmin=2)
+        runs["seeds"].append(int(run.name.rsplit("seed", 1)[1]))
+        runs["return"].append(running_average_curve(episodes, grid, window))
+        runs["wall_s"].append(json.loads((run / "summary.json").read_text())["wall_s"])
+        updates = read_csv(run / "updates.csv")
+        for column in UPDATE_COLUMNS[2:-2]:
+            if column in updates:
+                runs.setdefault(column, []).append(np.interp(grid, updates["step"], updates[column]))
+    return {k: np.array(v) for k, v in runs.items()}
+
+
+def load_sweep(args, kind, grid):
+    sweep = {}
+    for group, jobs in sweep_jobs(args, kind).items():
+        finished = [job.out for job in jobs if (job.out / "summary.json").exists()]
+        for run in finished:
+            check_same_settings(run, args)
+        if finished:
+            sweep[group] = load_runs(finished, grid, args.window)
+    return sweep
+
+
+def write_csv(path, rows):
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print("| " + " | ".join(rows[0]) + " |\n|" + " --- |" * len(rows[0]))
+    for row in rows:
+        print("| " + " | ".join(str(v) for v in row.values()) + " |")
+
+
+def summary_row(runs):
+    """mean +- std over seeds of the return at the end, the per-seed values, and the collapse indicators."""
+    at_end = runs["return"][:, -1]
+    row = {"seeds": len(runs["seeds"]), "return_mean": f"{at_end.mean():.1f}", "return_std": f"{at_end.std():.1f}",
+           "return_per_seed": " ".join(f"{s}:{r:.1f}" for s, r in zip(runs["seeds"], at_end))}
+    if "embedding_var" in runs:
+        row.update(collapsed_seeds=int((runs["embedding_var"][:, -1] < COLLAPSE_THRESHOLD).sum()),
+                   lowest_var=f"{runs['embedding_var'].min():.2g}",
+                   final_var=f"{runs['embedding_var'][:, -1].mean():.3g}",
+                   final_effective_rank=f"{runs['effective_rank'][:, -1].mean():.1f}",
+                   probe_r2_theta=f"{runs['probe_r2_theta'][:, -1].mean():.2f}",
+                   probe_r2_theta_dot=f"{runs['probe_r2_theta_dot'][:, -1].mean():.2f}")
+    row["wall_s_per_run"] = f"{runs['wall_s'].mean():.0f}"
+    return row
+
+
 def plot(args):
-    """Figure 3, its summary table and curve data, the probe figure and the observation figure."""
+    """Figure 3 and the collapse figure with their tables, from whichever sweeps have finished runs."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    steps_per_run = args.num_updates * args.batch_size
-    grid = np.arange(args.batch_size, steps_per_run + 1, args.batch_size)     # one point per rollout
+    batch_size, _, num_updates = rollout_sizes(args)
+    grid = np.arange(batch_size, num_updates * batch_size + 1, batch_size)     # one point per rollout
     args.plots_dir.mkdir(parents=True, exist_ok=True)
-    sweep = load_sweep(args, grid)
-    labels = {**{c: v[3] for c, v in FIGURE3_CONFIGS.items()}, "state": "state-based PPO (reference, not in paper)"}
-    colors = {**CONFIG_COLORS, "state": "black"}
+    for kind in ("figure3", "collapse"):
+        sweep = load_sweep(args, kind, grid)
+        if not sweep:
+            print(f"{kind}: no finished runs in {args.sweep_dir / kind}; its figures are left as they are")
+            continue
+        labels = ({**{c: v[3] for c, v in FIGURE3_CONFIGS.items()}, "state": "state-based PPO reference"}
+                  if kind == "figure3" else {arm: arm for arm in COLLAPSE_ARMS})
+        panels = ([("return", "(a) episodic return, running average of the last %d episodes" % args.window),
+                   ("embedding_var", "(b) mean batch-wise variance of s_x (collapse indicator)")]
+                  if kind == "figure3" else
+                  [("embedding_var", "mean batch-wise variance of s_x"), ("effective_rank", "effective rank of s_x"),
+                   ("probe_r2_theta", "probe: held-out R² of θ"), ("probe_r2_theta_dot", "probe: held-out R² of θ̇"),
+                   ("return", "return, running average of %d episodes" % args.window)])
+        fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels) if kind == "figure3" else 5 * len(panels), 5.2))
+        for ax, (column, title) in zip(axes, panels):
+            for group, runs in sweep.items():
+                if column not in runs:
+                    continue
+                style = dict(color=COLORS[group], ls="--" if group == "state" else "-")
+                if column == "embedding_var":            # geometric mean and min-max band on a log axis
+                    log = np.log10(np.maximum(runs[column], 1e-30))
+                    ax.plot(grid, 10 ** log.mean(0), lw=2, label=labels[group], **style)
+                    ax.fill_between(grid, 10 ** log.min(0), 10 ** log.max(0), color=COLORS[group], alpha=0.15)
+                else:                                    # mean and +-1 std band
+                    mean, std = np.nanmean(runs[column], 0), np.nanstd(runs[column], 0)
+                    ax.plot(grid, mean, lw=2, label=f"{labels[group]}, {len(runs['seeds'])} seeds", **style)
+                    ax.fill_between(grid, mean - std, mean + std, color=COLORS[group], alpha=0.15)
+                for curve in runs[column]:               # every seed, thin
+                    ax.plot(grid, curve, lw=0.6, alpha=0.5, **style)
+            if column == "embedding_var":
+                ax.axhline(COLLAPSE_THRESHOLD, color="black", ls=":", lw=1.5, label="collapse threshold 1e-7")
+                ax.set_yscale("log")
+            ax.set(title=title, xlabel="environment steps")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.suptitle("Figure 3 reproduced: JEPA + PPO on pixel Cart Pole (thin lines: single seeds)" if kind == "figure3"
+                     else f"When does JEPA collapse? setting {COLLAPSE_SETTING} (thin lines: single seeds)", fontsize=13)
+        fig.tight_layout()
+        fig.savefig(args.plots_dir / f"{kind}.png", dpi=100)
+        plt.close(fig)
+        rows = [{"config" if kind == "figure3" else "arm": group, **summary_row(runs)} for group, runs in sweep.items()]
+        write_csv(args.plots_dir / f"{kind}_summary.csv", rows)
+        if kind == "figure3":
+            write_figure3_curves(args, sweep, grid)
+            plot_probe(args, sweep, grid, plt)
+            plot_observation(args, plt)
+    print(f"figures and tables in {args.plots_dir}")
 
-    # ---- Figure 3: (a) running-average return, (b) embedding variance
-    fig, (ax_ret, ax_var) = plt.subplots(1, 2, figsize=(15, 5.5))
-    for config, runs in sweep.items():
-        mean, std = np.nanmean(runs["curves"], 0), np.nanstd(runs["curves"], 0)
-        style = dict(color=colors[config], lw=2, ls="--" if config == "state" else "-")
-        ax_ret.plot(grid, mean, label=f"{labels[config]}, {len(runs['seeds'])} seeds", **style)
-        ax_ret.fill_between(grid, mean - std, mean + std, color=colors[config], alpha=0.15)
-        if config != "state":
-            log_var = np.log10(np.maximum(runs["variances"], 1e-30))           # mean and band in log space
-            ax_var.plot(grid, 10 ** log_var.mean(0), label=labels[config], **style)
-            ax_var.fill_between(grid, 10 ** log_var.min(0), 10 ** log_var.max(0), color=colors[config], alpha=0.15)
-    ax_ret.set(title=f"(a) episodic return, running average of the last {args.window} episodes",
-               xlabel="environment steps", ylabel="return (steps balanced; max 500)")
-    ax_var.axhline(COLLAPSE_THRESHOLD, color="black", ls=":", lw=1.5, label="collapse threshold 1e-7")
-    ax_var.set(title="(b) mean batch-wise variance of s_x (collapse indicator)", xlabel="environment steps",
-               ylabel="variance (log scale)", yscale="log")
-    ax_ret.legend(fontsize=9, loc="upper left", title="line: mean over seeds; band: ±1 std across seeds",
-                  title_fontsize=9)
-    ax_var.legend(fontsize=9, loc="lower right", title="line: geometric mean over seeds; band: min to max",
-                  title_fontsize=9)
-    for ax in (ax_ret, ax_var):
-        ax.grid(alpha=0.3)
-    fig.suptitle("Figure 3 reproduced: JEPA + PPO on pixel Cart Pole", fontsize=14)
-    fig.tight_layout()
-    fig.savefig(args.plots_dir / "figure3.png", dpi=110)
-    plt.close(fig)
 
-    # ---- the summary table (the paper's four configurations) and the per-seed curves
-    columns = ["config", "jepa", "rl_grad", "reg", "seeds", "return_mean", "return_std", "best_return_mean",
-               "final_embedding_var", "collapsed_seeds", "wall_s_per_run"]
-    rows = []
-    for config, runs in sweep.items():
-        at_end = runs["curves"][:, -1]
-        jepa, rl_grad, reg = (FIGURE3_CONFIGS[config][:3] if config != "state" else (0, 0, 0))
-        rows.append({"config": config, "jepa": int(jepa), "rl_grad": int(rl_grad), "reg": int(reg),
-                     "seeds": len(runs["seeds"]), "return_mean": f"{at_end.mean():.1f}",
-                     "return_std": f"{at_end.std():.1f}",
-                     "best_return_mean": f"{np.nanmax(runs['curves'], 1).mean():.1f}",
-                     "final_embedding_var": f"{runs['final_var'].mean():.3g}",
-                     "collapsed_seeds": int((runs["final_var"] < COLLAPSE_THRESHOLD).sum()),
-                     "wall_s_per_run": f"{runs['walls'].mean():.0f}"})
-    with open(args.plots_dir / "figure3_summary.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(r for r in rows if r["config"] != "state")
-    with open(args.plots_dir / "figure3_curves.csv", "w", newline="") as f:   # re-plot without retraining
+def write_figure3_curves(args, sweep, grid):
+    """Every seed's curves, to re-plot without retraining."""
+    columns = ["return", "embedding_var", "effective_rank"] + [f"probe_r2_{n}" for n in STATE_NAMES]
+    with open(args.plots_dir / "figure3_curves.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["config", "seed", "step", "running_avg_return", "embedding_var"]
-                        + [f"probe_r2_{n}" for n in STATE_NAMES])
+        writer.writerow(["config", "seed", "step", "running_avg_return"] + columns[1:])
         for config, runs in sweep.items():
             for k, seed in enumerate(runs["seeds"]):
-                for g in range(len(grid)):
-                    writer.writerow([config, seed, int(grid[g]), f"{runs['curves'][k, g]:.2f}",
-                                     f"{runs['variances'][k, g]:.4g}"]
-                                    + [f"{runs['probes'][k, v, g]:.3f}" for v in range(4)])
-    print("| " + " | ".join(columns) + " |\n|" + " --- |" * len(columns))
-    for row in rows:
-        print("| " + " | ".join(str(row[c]) for c in columns) + " |")
+                for g, step in enumerate(grid):
+                    writer.writerow([config, seed, int(step)] + [f"{runs[c][k, g]:.4g}" if c in runs else ""
+                                                                 for c in columns])
 
-    # ---- what the embedding knows: linear-probe R^2 of each true state variable
-    pixel_configs = [c for c in sweep if c != "state"]
-    if pixel_configs:
-        fig, axes = plt.subplots(1, 4, figsize=(18, 4.5), sharey=True)
-        for v, (ax, name) in enumerate(zip(axes, ["cart position x", "cart velocity x_dot", "pole angle theta",
-                                                  "pole angular velocity theta_dot"])):
-            for config in pixel_configs:
-                r2 = np.nanmean(sweep[config]["probes"][:, v], 0)                # (len(grid),) mean over seeds
-                k = min(10, len(r2))                                              # running mean of 10 updates
-                ax.plot(grid[k - 1:], np.convolve(r2, np.ones(k) / k, mode="valid"), color=colors[config], lw=2,
-                        label=labels[config])
-            ax.set(title=name, xlabel="environment steps", ylim=(-0.1, 1.02))
-            ax.grid(alpha=0.3)
-        axes[0].set_ylabel("held-out R² of a linear probe on s_x")
-        axes[0].legend(fontsize=8, loc="lower left")
-        fig.suptitle("What s_x knows: held-out R² of a ridge regression from s_x to the true state "
-                     "(mean over seeds, running mean of 10 updates; raw values in updates.csv)", fontsize=13)
-        fig.tight_layout()
-        fig.savefig(args.plots_dir / "probe.png", dpi=110)
-        plt.close(fig)
-        print("probe R^2 at the end (x, x_dot, theta, theta_dot), mean of the last 10 updates and the seeds:")
-        for config in pixel_configs:
-            end = np.nanmean(sweep[config]["probes"][:, :, -10:], axis=(0, 2))                # (4,)
-            print(f"  {config}: " + ", ".join(f"{r:.2f}" for r in end))
 
-    plot_observation(args, plt)
-    print(f"wrote figure3.png, figure3_summary.csv, figure3_curves.csv, probe.png, observation.png "
-          f"in {args.plots_dir}")
+def plot_probe(args, sweep, grid, plt):
+    """plots/probe.png: the held-out R^2 of the linear probe of each state variable, per configuration."""
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4.5), sharey=True)
+    for ax, name, title in zip(axes, STATE_NAMES, ["cart position x", "cart velocity x_dot", "pole angle theta",
+                                                   "pole angular velocity theta_dot"]):
+        for config, runs in sweep.items():
+            if f"probe_r2_{name}" in runs:
+                ax.plot(grid, np.nanmean(runs[f"probe_r2_{name}"], 0), color=COLORS[config], lw=2,
+                        label=FIGURE3_CONFIGS[config][3])
+        ax.set(title=title, xlabel="environment steps", ylim=(-0.1, 1.02))
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("held-out R² of a linear probe on s_x")
+    axes[0].legend(fontsize=8, loc="lower left")
+    fig.suptitle("What s_x knows: ridge regression from s_x to the true state on a fixed probe set "
+                 "(mean over seeds)", fontsize=13)
+    fig.tight_layout()
+    fig.savefig(args.plots_dir / "probe.png", dpi=100)
+    plt.close(fig)
+
+
+def plot_training(run_dir):
+    """<run>/training.png: return, embedding variance, effective rank and JEPA loss against steps, for one run."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    updates = read_csv(run_dir / "updates.csv")
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
+    for ax, column, title in zip(axes, ["mean_return", "embedding_var", "effective_rank", "jepa_loss"],
+                                 ["return (running average)", "embedding variance (collapse indicator)",
+                                  "effective rank of s_x", "JEPA loss (Eq. 1)"]):
+        ax.plot(updates["step"], updates[column], lw=1.5)
+        if column == "embedding_var":
+            ax.axhline(COLLAPSE_THRESHOLD, color="black", ls=":", label="collapse threshold 1e-7")
+            ax.set_yscale("log")
+            ax.legend(fontsize=8)
+        ax.set(title=title, xlabel="environment steps")
+        ax.grid(alpha=0.3)
+    fig.suptitle(str(run_dir), fontsize=12)
+    fig.tight_layout()
+    fig.savefig(run_dir / "training.png", dpi=80)
+    plt.close(fig)
+    return run_dir / "training.png"
 
 
 def plot_observation(args, plt):
@@ -1136,7 +1195,7 @@ def plot_observation(args, plt):
     for _ in range(8):                     # push right a few times, so the frames show motion
         x_window = window
         window, states, *_ = step_pixels(envs, np.ones(1, dtype=np.int64), window, np.zeros(1, bool),
-                                         make_renderer("numpy", H, W))
+                                         lambda s: render_frames(s, H, W))
     scene = GymnasiumRenderer(H, W).full_scene(states[0])
     fig = plt.figure(figsize=(17, 4.8))
     grid_spec = fig.add_gridspec(3, 4, width_ratios=[1, 1, 1, 1.5], height_ratios=[1, 0.3, 1])
@@ -1158,26 +1217,27 @@ def plot_observation(args, plt):
     ax.set_xticks([])
     ax.set_yticks([])
     fig.text(0.36, 0.5, f"{H} x {W} pixels per frame, {p} x {p} patches (orange grid): "
-             f"{(H // p) * (W // p)} tokens per frame, 1 + 3 x {(H // p) * (W // p)} = {args.tokens} with CLS",
+             f"{(H // p) * (W // p)} tokens per frame, 1 + 3 x {(H // p) * (W // p)} = {1 + 3 * (H // p) * (W // p)} with CLS",
              ha="center", va="center", fontsize=11)
     fig.suptitle("What the encoders see: one transition (the cart pushed right)", fontsize=14)
     fig.savefig(args.plots_dir / "observation.png", dpi=110)
     plt.close(fig)
 
 
-# ======================================================================================================
-# 11. Using a trained agent: load, evaluate, animate
-# ======================================================================================================
+
+# ------------------------------------------------------------------------------------------------------
+# 14. Using a trained agent: load, evaluate, animate
+# ------------------------------------------------------------------------------------------------------
 
 
 def load_run(run_dir, device="cpu"):
     """Rebuild a finished run's networks from its config.json and model.pt."""
     run_args = argparse.Namespace(**json.loads((run_dir / "config.json").read_text()))
-    networks = make_networks(run_args, num_actions=2, device=device)
+    nets = make_networks(run_args, num_actions=2)
     weights = torch.load(run_dir / "model.pt", map_location=device)
-    for name, net in zip(NETWORK_NAMES, networks):
+    for name, net in nets.items():
         net.load_state_dict(weights[name])
-    return run_args, networks
+    return run_args, nets
 
 
 def greedy_actions(x_encoder, actor, observation):
@@ -1187,9 +1247,9 @@ def greedy_actions(x_encoder, actor, observation):
 
 def play_greedy(run_dir, episodes, seed, on_step=None):
     """Play `episodes` episodes (one per env) with the greedy policy; returns their returns (episodes,)."""
-    run_args, (x_encoder, _, _, actor, _) = load_run(run_dir)
+    run_args, nets = load_run(run_dir)
     H, W = run_args.image_height, run_args.image_width
-    render = make_renderer(run_args.renderer, H, W)
+    render = lambda states: render_frames(states, H, W)
     envs = gym.make_vec("CartPole-v1", num_envs=episodes, vectorization_mode="vector_entry_point")
     states, _ = envs.reset(seed=seed)
     window = push_frame(np.zeros((episodes, 3, H, W), np.uint8), render(states), np.ones(episodes, bool))
@@ -1197,8 +1257,8 @@ def play_greedy(run_dir, episodes, seed, on_step=None):
     while not finished.all():
         if on_step:
             on_step(states, window)
-        observation = window if run_args.obs == "pixels" else states
-        window, states, reward, _, ended, _ = step_pixels(envs, greedy_actions(x_encoder, actor, observation),
+        actions = greedy_actions(nets["x_encoder"], nets["actor"], window)
+        window, states, reward, _, ended, _ = step_pixels(envs, actions,
                                                           window, np.zeros(episodes, bool), render)
         returns += reward * ~finished            # count each env's first episode only
         finished |= ended
@@ -1252,17 +1312,31 @@ def make_gif(args):
     print(f"wrote {args.plots_dir / 'agent.gif'}: {len(scenes)} steps, return {episode_return:.0f}")
 
 
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        if args.benchmark_renderer:
+            benchmark_renderer(args.image_height, args.image_width, args.num_envs)
+        elif args.figure3 or args.collapse:
+            run_sweep(args, "figure3" if args.figure3 else "collapse")
+        elif args.plot:
+            plot(args)
+        elif args.eval:
+            evaluate(args)
+        elif args.gif:
+            make_gif(args)
+        elif args.state_reference:
+            train_state_reference(args.seed, args.total_steps, args.out, args.threads)
+        else:
+            train(args, GymnasiumRenderer(args.image_height, args.image_width) if args.renderer == "gymnasium" else None)
+            print(f"figure of this run: {plot_training(args.out)}")
+    except KeyboardInterrupt:
+        where = args.out or args.sweep_dir
+        sys.exit(f"\ninterrupted: the logs so far are in {where}" + (" (a sweep redoes unfinished runs when started "
+                                                                      "again)" if args.figure3 or args.collapse else ""))
+    except FloatingPointError as error:
+        sys.exit(f"error: {error}; the logs so far are in {args.out}")
+
+
 if __name__ == "__main__":
-    args = parse_args()
-    if args.benchmark_renderer:
-        benchmark_renderer(args.image_height, args.image_width, args.num_envs)
-    elif args.figure3:
-        figure3(args)
-    elif args.plot:
-        plot(args)
-    elif args.eval:
-        evaluate(args)
-    elif args.gif:
-        make_gif(args)
-    else:
-        train(args)
+    main()
