@@ -5,10 +5,10 @@ A single-file reference implementation of
     Kenneweg, Kenneweg & Hammer, "JEPA for RL: Investigating Joint-Embedding Predictive Architectures
     for Reinforcement Learning", ESANN 2025 (arXiv 2504.16591).
 
-The paper's idea: a vision transformer trained with a JEPA loss (predict the embedding of the *next* frames from
-the embedding of the current frames, in latent space, never in pixels) learns a compact state s_x that a PPO
-agent can act on. The paper reports that the JEPA loss alone collapses (every image -> the same embedding) and
-that the RL gradients or a variance regulariser prevent it; the README says what our runs show.
+The idea: a vision transformer trained with a JEPA loss (predict the embedding of the *next* frames from the
+embedding of the current ones, in latent space, never in pixels) learns a compact state s_x for a PPO agent.
+The paper reports that the JEPA loss alone collapses (every image -> the same embedding) and that the RL
+gradients or a variance regulariser prevent it. The README says what our runs show.
 
     frames f(t-2) f(t-1) f(t)                  frames f(t-1) f(t) f(t+1)
               |                                           |
@@ -26,13 +26,11 @@ The paper's four configurations (Section 3, Figure 3):
     python jepa_cartpole.py --jepa    --rl-grad    --no-reg   # 2: JEPA + RL gradients (the paper's best)
     python jepa_cartpole.py --jepa    --no-rl-grad --no-reg   # 3: JEPA only (the paper: collapses)
     python jepa_cartpole.py --jepa    --no-rl-grad --reg      # 4: JEPA + regulariser (the paper: no collapse)
-and the README's set-up command:
-    python jepa_cartpole.py --jepa --rl-grad --reg
+    python jepa_cartpole.py --jepa    --rl-grad    --reg      # the README's set-up command
 
-Part 1 is the method, in the paper's order: settings -> pixel Cart Pole -> x-encoder -> y-encoder -> predictor
--> losses (Eq. 1-3) -> PPO -> the training loop. Part 2 (skip it on a first reading) holds the experiments and
-tools: --figure3, --collapse, --plot, --eval, --gif, --state-reference, checks and benchmarks (--help).
-Shape comments use B = batch, N = envs, T = rollout length, F = 3 frames, P = patches per frame, D = width of s_x.
+Part 1, the method, follows the paper: settings, pixel Cart Pole, x-encoder, y-encoder, predictor, losses, PPO,
+training loop. Part 2 (skip it on a first reading): --figure3, --collapse, --plot, --eval, --gif, and more.
+Shapes: B = batch, N = envs, T = rollout length, F = 3 frames, P = patches per frame, D = width of s_x.
 """
 
 import argparse
@@ -55,7 +53,6 @@ import torch.nn.functional as F
 
 # ------------------------------------------------------------------------------------------------------
 # 1. Settings
-# ------------------------------------------------------------------------------------------------------
 # What the paper fixes has the paper's value as default (d = 64, tau = 0.99, the three switches, 100k steps).
 # What it leaves open (image size, ViT size, PPO settings) is our choice; each help text says why.
 
@@ -69,17 +66,10 @@ def build_parser():
     p.add_argument("--rl-grad", action=on_off, default=True,
                    help="let the actor and critic gradients flow into the x-encoder (--no-rl-grad detaches s_x)")
     p.add_argument("--reg", action=on_off, default=False, help="add the variance regulariser of Eq. 2")
-    # --- the run
+    # --- the run (Part 2 adds where it runs and writes: --device, --threads, --out, --overwrite, --window)
     p.add_argument("--seed", type=int, default=1, help="seeds torch, numpy and the environments")
-    p.add_argument("--total-steps", type=int, default=100_000,
-                   help="environment steps, summed over all envs (the paper plots the first 100k)")
-    p.add_argument("--num-envs", type=int, default=16,
-                   help="parallel Cart Poles; more envs = bigger, cheaper batches for the network")
-    p.add_argument("--device", default="cpu", help="a torch device: cpu, cuda, cuda:1, mps")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 keeps torch's default")
-    p.add_argument("--out", type=Path, default=None, help="run folder [runs/<switches>-seed<k>]")
-    p.add_argument("--overwrite", action="store_true", help="allow writing into an existing non-empty --out")
-    p.add_argument("--window", type=int, default=20, help="episodes in the running average of the return")
+    p.add_argument("--total-steps", type=int, default=100_000, help="environment steps over all envs (paper: 100k)")
+    p.add_argument("--num-envs", type=int, default=16, help="parallel Cart Poles: bigger, cheaper network batches")
     # --- pixels and the ViT (the paper fixes only d = 64)
     p.add_argument("--image-height", type=int, default=16, help="rows of the frame: the band with cart and pole")
     p.add_argument("--image-width", type=int, default=64, help="columns of the frame: the whole track")
@@ -91,18 +81,13 @@ def build_parser():
     p.add_argument("--final-norm", action=on_off, default=True,
                    help="LayerNorm on the CLS output, as in a standard ViT (the paper does not say); without it "
                         "configuration 2 learned far slower in our tuning runs")
-    # --- JEPA (the paper fixes tau = 0.99 and the unweighted sum of Eq. 3)
+    # --- JEPA (the paper fixes tau = 0.99 and the unweighted sum of Eq. 3; Part 2 adds the collapse levers
+    #     --predictor-lr-scale, --weight-decay and --fresh-targets, whose defaults change nothing)
     p.add_argument("--predictor-hidden", type=int, default=128, help="hidden width of the two-layer predictor")
     p.add_argument("--ema-tau", type=float, default=0.99,
                    help="y-encoder EMA rate: theta_y <- tau*theta_y + (1-tau)*theta_x (paper: 0.99)")
     p.add_argument("--jepa-coef", type=float, default=1.0, help="weight of Eq. 1 in Eq. 3 (paper: 1)")
     p.add_argument("--reg-coef", type=float, default=1.0, help="weight of Eq. 2 in Eq. 3 (paper: 1)")
-    p.add_argument("--predictor-lr-scale", type=float, default=1.0,
-                   help="the predictor's learning rate, as a multiple of --learning-rate (a collapse lever)")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on all trained networks")
-    p.add_argument("--fresh-targets", action=on_off, default=False,
-                   help="recompute s_y for every minibatch with the current y-encoder (~25%% slower); "
-                        "default: once per rollout, with the y-encoder as the update begins")
     # --- PPO (CleanRL's Cart Pole settings except where noted)
     p.add_argument("--num-steps", type=int, default=32, help="rollout length per env between updates")
     p.add_argument("--num-minibatches", type=int, default=8,
@@ -122,15 +107,8 @@ def build_parser():
     return p   # Part 2 adds the flags of the experiments and tools, and checks every value's range
 
 
-def rollout_sizes(args):
-    """Derived sizes, in one place (CleanRL style): transitions per rollout and per minibatch, and updates."""
-    batch_size = args.num_envs * args.num_steps
-    return batch_size, batch_size // args.num_minibatches, math.ceil(args.total_steps / batch_size)
-
-
 # ------------------------------------------------------------------------------------------------------
 # 2. Pixel Cart Pole (paper Section 3: "Cart Pole ... using pixel observations")
-# ------------------------------------------------------------------------------------------------------
 # Physics: gymnasium's CartPole-v1, vectorised. The agent never sees the 4-number state; we use it only to
 # *draw* the frame. We draw gymnasium's own scene (a 600 x 400 screen showing 4.8 world units of track)
 # straight at the network's resolution, and only the band where cart and pole can be: sky and floor carry no
@@ -141,8 +119,7 @@ SCALE = SCREEN_WIDTH / 4.8              # screen pixels per world unit (world wi
 CART_HALF_WIDTH, CART_HALF_HEIGHT = 25.0, 15.0
 CART_Y = 100.0                          # cart centre (gymnasium's "carty"); the track line is here
 AXLE_Y = CART_Y + CART_HALF_HEIGHT / 2  # the pole's pivot
-POLE_HALF_WIDTH, POLE_LENGTH = 5.0, SCALE * 1.0
-AXLE_RADIUS = 5.0
+POLE_HALF_WIDTH, POLE_LENGTH, AXLE_RADIUS = 5.0, SCALE * 1.0, 5.0   # the pole is 2 x 0.5 world units long
 CROP_BOTTOM = 80.0                      # screen y of the frame's bottom edge (just under the cart)
 SKY, CART_GRAY, POLE_GRAY, AXLE_GRAY = 255.0, 0.0, 161.0, 139.2  # luma of gymnasium's colours
 
@@ -179,11 +156,8 @@ def render_frames(states, height, width):
 
 
 def push_frame(windows, frames, episode_start):
-    """Slide each env's window [f(t-2), f(t-1), f(t)] (N, 3, H, W) on by the new frames (N, H, W).
-
-    Where a new episode starts there is no past to show, so its first frame fills all three slots: a window
-    never mixes two episodes.
-    """
+    """Slide each env's window [f(t-2), f(t-1), f(t)] (N, 3, H, W) on by the new frames (N, H, W). Where a new
+    episode starts there is no past, so its first frame fills all three slots: a window never mixes episodes."""
     new = np.concatenate([windows[:, 1:], frames[:, None]], axis=1)  # (N, 3, H, W)
     new[episode_start] = frames[episode_start, None]
     return new
@@ -203,7 +177,6 @@ def step_pixels(envs, actions, window, previous_episode_end, render):
 
 # ------------------------------------------------------------------------------------------------------
 # 3. x-encoder (paper Section 2, "Input and Encoder")
-# ------------------------------------------------------------------------------------------------------
 # A small vision transformer. The patches of all three frames enter ONE transformer together, so attention can
 # compare the cart in f(t-2) with the cart in f(t): that is where velocity comes from. Each token's positional
 # encoding encodes its patch row, its patch column AND its frame index (without the frame index the frames
@@ -232,12 +205,9 @@ class Block(nn.Module):
 
 
 def last_block_cls_only(block, x):
-    """Speed, same result: the last block computed for the CLS token alone.
-
-    Only the CLS output is read after the last block, so there only the CLS token needs a query, an attention
-    output and an MLP; every token still supplies keys and values. A default run is ~29% faster with it (README:
-    speed); a test checks that s_x does not change.
-    """
+    """Speed, same result: the last block computed for the CLS token alone. Only the CLS output is read after
+    it, so only the CLS token needs a query, an attention output and an MLP there; every token still supplies
+    keys and values. A default run is ~29% faster with it; a test checks that s_x does not change."""
     return block(x, num_queries=1)                                    # (B, 1, D)
 
 
@@ -246,7 +216,7 @@ class ViTEncoder(nn.Module):
 
     def __init__(self, image_height, image_width, patch_size, dim, depth, heads, mlp_ratio, final_norm=True):
         super().__init__()
-        self.dim, self.patch_size = dim, patch_size
+        self.patch_size = patch_size
         self.rows, self.cols = image_height // patch_size, image_width // patch_size
         # Patch embedding as in the ViT paper: flatten each p x p patch, one linear map shared by all patches.
         self.patch_embed = nn.Linear(patch_size * patch_size, dim)
@@ -278,7 +248,6 @@ class ViTEncoder(nn.Module):
 
 # ------------------------------------------------------------------------------------------------------
 # 4. y-encoder: an exponential moving average of the x-encoder (paper Section 2, "Input and Encoder")
-# ------------------------------------------------------------------------------------------------------
 # Same architecture, same initial weights (a deep copy). It reads the window one step later,
 # [f(t-1), f(t), f(t+1)], which is exactly the x-encoder's NEXT input: s_y is "the embedding of where the system
 # went". It never receives gradients (requires_grad_(False), and it is not in the optimiser). After every
@@ -298,7 +267,6 @@ def ema_update(y_encoder, x_encoder, tau):
 
 # ------------------------------------------------------------------------------------------------------
 # 5. Predictor (paper Section 2, "Predictor")
-# ------------------------------------------------------------------------------------------------------
 # Shallow on purpose, so that the work of predicting is done in the embedding, not in the predictor. It needs
 # the action (JEPA's latent variable z): the next frames depend on which way the cart was pushed. The one-hot
 # action is projected to the hidden width and added after the first layer.
@@ -320,7 +288,6 @@ class Predictor(nn.Module):
 
 # ------------------------------------------------------------------------------------------------------
 # 6. Losses and the collapse indicators (paper Section 2, Eq. 1-2; Eq. 3 is written in the training step)
-# ------------------------------------------------------------------------------------------------------
 
 
 def jepa_loss(s_y_pred, s_y):
@@ -342,20 +309,11 @@ def variance_regulariser(s_x):
     return -torch.clamp(embedding_variance(s_x), max=1.0)
 
 
-def effective_rank(s):
-    # Not in the paper: how many directions the embeddings really use (RankMe, Garrido et al. 2023). With p_k
-    # the singular values of s (n, d) normalised to sum 1: exp(-sum_k p_k log p_k), from 1 (all on one line) to d.
-    singular_values = torch.linalg.svdvals(s)                         # (min(n, d),)
-    p = singular_values / singular_values.sum()
-    return torch.exp(-(p * torch.log(p.clamp_min(1e-30))).sum())
-
-
 COLLAPSE_THRESHOLD = 1e-7
 
 
 # ------------------------------------------------------------------------------------------------------
 # 7. PPO actor-critic (paper Section 3: "an actor-critic-style PPO algorithm")
-# ------------------------------------------------------------------------------------------------------
 # Standard clipped PPO as in CleanRL (without its optional value-loss clipping), acting on s_x through two small
 # heads. Whether their gradients reach the encoder is the --rl-grad switch, in the training step below.
 
@@ -407,10 +365,6 @@ def ppo_losses(logits, values, mb, clip_coef):
 
 # ------------------------------------------------------------------------------------------------------
 # 8. The training step and the training loop (flat, CleanRL style)
-# ------------------------------------------------------------------------------------------------------
-
-NETWORK_NAMES = ("x_encoder", "y_encoder", "predictor", "actor", "critic")
-
 
 def make_networks(args, num_actions):
     x_encoder = ViTEncoder(args.image_height, args.image_width, args.patch_size, args.embed_dim, args.depth,
@@ -418,7 +372,7 @@ def make_networks(args, num_actions):
     y_encoder = make_y_encoder(x_encoder)
     predictor = Predictor(args.embed_dim, args.predictor_hidden, num_actions)
     actor, critic = make_heads(args.embed_dim, num_actions)
-    return dict(zip(NETWORK_NAMES, (x_encoder, y_encoder, predictor, actor, critic)))
+    return {"x_encoder": x_encoder, "y_encoder": y_encoder, "predictor": predictor, "actor": actor, "critic": critic}
 
 
 def make_optimizer(nets, args):
@@ -478,54 +432,40 @@ def training_step(nets, optimizer, mb, args):
             "embedding_var": embedding_variance(s_x.detach())}
 
 
-# Every logged number, in the order of the columns of updates.csv.
-UPDATE_COLUMNS = ["step", "mean_return", "loss", "jepa_loss", "reg_loss", "policy_loss", "value_loss", "entropy",
-                  "approx_kl", "grad_norm", "embedding_var", "effective_rank", "probe_r2_x", "probe_r2_x_dot",
-                  "probe_r2_theta", "probe_r2_theta_dot", "learning_rate", "sps"]
-
-
 def train(args, render=None):
-    # ---- set-up: seeds, run folder, logs written row by row (a killed run keeps what it did)
+    # ---- set-up: seeds, and the run's log files, written row by row (a killed run keeps what it did)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     device = torch.device(args.device)
-    batch_size, minibatch_size, num_updates = rollout_sizes(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "config.json").write_text(json.dumps({k: str(v) if isinstance(v, Path) else v
-                                                      for k, v in vars(args).items()}, indent=2))
-    episodes_file = open(args.out / "episodes.csv", "w", newline="")
-    updates_file = open(args.out / "updates.csv", "w", newline="")
-    episodes_log, updates_log = csv.writer(episodes_file), csv.DictWriter(updates_file, fieldnames=UPDATE_COLUMNS)
-    episodes_log.writerow(["step", "return", "length"])
-    updates_log.writeheader()
+    batch_size = args.num_envs * args.num_steps                      # transitions per rollout
+    num_updates = math.ceil(args.total_steps / batch_size)           # whole rollouts, at least --total-steps
+    log = RunLog(args)                                               # Part 2: files and console
 
-    # ---- environments, networks, optimiser
-    H, W, N, T = args.image_height, args.image_width, args.num_envs, args.num_steps
+    # ---- environments, networks, optimiser, and a fixed probe set for the diagnostics (Part 2)
+    H, W, N, T, D = args.image_height, args.image_width, args.num_envs, args.num_steps, args.embed_dim
     render = render or (lambda states: render_frames(states, H, W))
     envs = gym.make_vec("CartPole-v1", num_envs=N, vectorization_mode="vector_entry_point")
     nets = {k: net.to(device) for k, net in make_networks(args, envs.single_action_space.n).items()}
     x_encoder, y_encoder, actor, critic = nets["x_encoder"], nets["y_encoder"], nets["actor"], nets["critic"]
     optimizer = make_optimizer(nets, args)
-    probe_set = make_probe_set(args.seed, H, W)                   # Part 2: a linear probe of the true state
+    probe_set = make_probe_set(args.seed, H, W)
 
     # ---- rollout storage. windows[t] is the x-encoder's input at step t; windows[t+1] is the y-encoder's.
     windows = torch.zeros((T + 1, N, 3, H, W), dtype=torch.uint8)    # uint8: 4x less memory than float
-    rollout_s_x = torch.zeros((T, N, args.embed_dim))                # s_x while acting, for the effective rank
+    rollout_s_x = torch.zeros((T, N, D))                             # s_x while acting, for the effective rank
     actions = torch.zeros((T, N), dtype=torch.long)
     logprobs, rewards, terminated, episode_end = (torch.zeros((T, N)) for _ in range(4))
-    values = torch.zeros((T + 1, N))
-    valid = torch.zeros((T, N), dtype=torch.bool)
+    values = torch.zeros((T + 1, N))                                 # values[T]: the bootstrap value
+    valid = torch.zeros((T, N), dtype=torch.bool)                    # False on autoreset steps (see step_pixels)
 
     states, _ = envs.reset(seed=args.seed)
     window = push_frame(np.zeros((N, 3, H, W), np.uint8), render(states), np.ones(N, bool))  # (N, 3, H, W)
     previous_episode_end = np.zeros(N, dtype=bool)
-    episode_return, episode_length = np.zeros(N), np.zeros(N, dtype=int)
-    recent_returns = []
-    global_step = 0
-    timing = {"env_and_render": 0.0, "rollout_inference": 0.0, "update": 0.0}
-    start = time.time()
+    episode_return, episode_length, recent_returns = np.zeros(N), np.zeros(N, dtype=int), []
+    global_step, start = 0, time.time()
+    timing = dict.fromkeys(["env_and_render", "rollout_inference", "update"], 0.0)
 
     for update in range(1, num_updates + 1):
         if args.anneal_lr:
@@ -548,78 +488,59 @@ def train(args, render=None):
             window, states, reward, term, ended, is_valid = step_pixels(envs, action.cpu().numpy(), window,
                                                                         previous_episode_end, render)
             global_step += N                                   # counts autoreset steps too, as CleanRL does
-            windows[t + 1], valid[t], rewards[t] = torch.from_numpy(window), torch.from_numpy(is_valid), \
-                torch.from_numpy(reward)
-            terminated[t], episode_end[t] = torch.from_numpy(term.astype(np.float32)), \
-                torch.from_numpy(ended.astype(np.float32))
+            windows[t + 1], valid[t], rewards[t] = (torch.from_numpy(a) for a in (window, is_valid, reward))
+            terminated[t], episode_end[t] = torch.from_numpy(term * 1.0), torch.from_numpy(ended * 1.0)
             previous_episode_end = ended
             episode_return += reward                           # reward is 0 on an autoreset step
             episode_length += is_valid
             for i in np.flatnonzero(ended):
-                episodes_log.writerow([global_step, episode_return[i], episode_length[i]])
+                log.episode(global_step, episode_return[i], episode_length[i])
                 recent_returns.append(episode_return[i])
                 episode_return[i], episode_length[i] = 0.0, 0
-            episodes_file.flush()
             timing["env_and_render"] += time.perf_counter() - tock
 
-        # ---- 2. Advantages (GAE) and the JEPA targets s_y for the whole rollout.
+        # ---- 2. Advantages (GAE), and the JEPA targets s_y for the whole rollout.
         tick = time.perf_counter()
         with torch.inference_mode():
             values[T] = critic(x_encoder(windows[T].to(device))).squeeze(-1).cpu()   # bootstrap value
-            # Speed: s_y = y-encoder(windows[t+1]) once per rollout, with the y-encoder as the update begins (the
-            # EMA still runs after every optimiser step; these targets do not see it until the next rollout).
-            # Recomputing them per minibatch (--fresh-targets) makes a default run ~25% slower.
-            s_y = torch.cat([y_encoder(w.to(device)) for w in windows[1:].flatten(0, 1).split(minibatch_size)])
+            # Speed: s_y = y-encoder(windows[t+1]) once per rollout, by the y-encoder as the update begins (the EMA
+            # still runs after every optimiser step; these targets see it from the next rollout on). --fresh-targets
+            # recomputes them for every minibatch instead, which makes a default run ~25% slower.
+            s_y = (torch.cat([y_encoder(w.to(device)) for w in windows[1:].flatten(0, 1).split(256)])
+                   if args.jepa else torch.zeros(batch_size, D))                             # (B, D)
         advantages, returns = compute_gae(rewards, values, terminated, episode_end, args.gamma, args.gae_lambda)
         timing["rollout_inference"] += time.perf_counter() - tick
 
         # ---- 3. Update: --update-epochs passes over the rollout's valid steps, in --num-minibatches minibatches.
         tick = time.perf_counter()
-        batch = {"windows": windows[:T].flatten(0, 1), "next_windows": windows[1:].flatten(0, 1), "s_y": s_y,
-                 "actions": actions.flatten(), "logprobs": logprobs.flatten(),
-                 "advantages": advantages.flatten(), "returns": returns.flatten()}             # (B, ...) each
-        valid_indices = torch.nonzero(valid.flatten()).squeeze(1)      # the autoreset steps are left out
+        batch = {"windows": windows[:T].flatten(0, 1), "s_y": s_y, "actions": actions.flatten(),
+                 "logprobs": logprobs.flatten(), "advantages": advantages.flatten(), "returns": returns.flatten()}
+        valid_indices = torch.nonzero(valid.flatten()).squeeze(1)       # (B',) the autoreset steps left out
         logged = []
         for epoch in range(args.update_epochs):
             for mb_indices in valid_indices[torch.randperm(len(valid_indices))].tensor_split(args.num_minibatches):
                 mb = {k: v[mb_indices].to(device) for k, v in batch.items()}
-                if args.fresh_targets:
+                if args.fresh_targets and args.jepa:
                     with torch.no_grad():
-                        mb["s_y"] = y_encoder(mb["next_windows"])                            # (M, D)
+                        mb["s_y"] = y_encoder(windows[1:].flatten(0, 1)[mb_indices].to(device))   # (M, D)
                 logged.append({k: v.item() for k, v in training_step(nets, optimizer, mb, args).items()})
         timing["update"] += time.perf_counter() - tick
 
-        # ---- 4. Log one row per update and one console line. The collapse indicators: the paper's embedding
-        # variance (mean over the update's minibatches), the effective rank of the rollout's s_x, and the
-        # probe's held-out R^2 for each state variable (Part 2).
-        sps = global_step / (time.time() - start)
+        # ---- 4. Log one row per update: the minibatch means of the training step's numbers, the running-average
+        # return, and the diagnostics of Part 2 (the effective rank of s_x, a linear probe of the true state).
+        row = {k: np.mean([numbers[k] for numbers in logged]) for k in logged[0]}
         mean_return = float(np.mean(recent_returns[-args.window:])) if recent_returns else float("nan")
-        row = {k: np.mean([step_numbers[k] for step_numbers in logged]) for k in logged[0]}
         row.update(step=global_step, mean_return=mean_return, learning_rate=optimizer.param_groups[0]["lr"],
-                   sps=sps, effective_rank=effective_rank(rollout_s_x.flatten(0, 1)).item(),
-                   **probe_r2(x_encoder, probe_set, device))
-        updates_log.writerow(row)
-        updates_file.flush()
-        print(f"step {global_step:>7}/{num_updates * batch_size} | sps {sps:4.0f} | "
-              f"return(last {args.window}) {mean_return:5.1f} | embedding var {row['embedding_var']:.1e} | "
-              f"eff. rank {row['effective_rank']:4.1f} | probe R2 theta {row['probe_r2_theta']:5.2f} | "
-              f"jepa {row['jepa_loss']:.3f}", flush=True)
-        if row["embedding_var"] < COLLAPSE_THRESHOLD:
-            print(f"warning: embedding variance {row['embedding_var']:.1e} < {COLLAPSE_THRESHOLD:g}: "
-                  "the encoder has collapsed (every input maps to the same s_x)", flush=True)
+                   sps=global_step / (time.time() - start),
+                   **embedding_diagnostics(x_encoder, rollout_s_x, probe_set, device))
+        log.update(row, num_updates * batch_size)   # also the console line, and a warning if s_x has collapsed
 
-    # ---- the end: weights and a summary
-    episodes_file.close()
-    updates_file.close()
     envs.close()
-    torch.save({k: net.state_dict() for k, net in nets.items()}, args.out / "model.pt")
     wall = time.time() - start
     summary = {"steps": global_step, "wall_s": wall, "sps": global_step / wall, "final_mean_return": mean_return,
                "return_window_episodes": args.window, "final_embedding_var": row["embedding_var"],
                "final_effective_rank": row["effective_rank"], "timing_s": timing}
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"done: {global_step} steps in {wall:.0f}s ({summary['sps']:.0f} sps); "
-          f"timing {', '.join(f'{k} {v:.0f}s' for k, v in timing.items())}; logs in {args.out}")
+    log.finish(nets, summary)                                        # model.pt and summary.json
     return summary, nets
 
 
@@ -655,6 +576,19 @@ COLLAPSE_ARMS = {  # name: (jepa, rl_grad, reg)
 
 def add_tool_flags(p):
     p.epilog = CONFIGURATIONS_HELP
+    run = p.add_argument_group("where a run runs and writes")
+    run.add_argument("--device", default="cpu", help="a torch device: cpu, cuda, cuda:1, mps")
+    run.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 keeps torch's default")
+    run.add_argument("--out", type=Path, default=None, help="run folder [runs/<switches>-seed<k>]")
+    run.add_argument("--overwrite", action="store_true", help="allow writing into an existing non-empty --out")
+    run.add_argument("--window", type=int, default=20, help="episodes in the running average of the return")
+    levers = p.add_argument_group("collapse levers (README: When does JEPA collapse?); the defaults change nothing")
+    levers.add_argument("--predictor-lr-scale", type=float, default=1.0,
+                        help="the predictor's learning rate, as a multiple of --learning-rate")
+    levers.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on all trained networks")
+    levers.add_argument("--fresh-targets", action=argparse.BooleanOptionalAction, default=False,
+                        help="recompute s_y for every minibatch with the current y-encoder (~25%% slower); "
+                             "default: once per rollout, with the y-encoder as the update begins")
     tools = p.add_argument_group("experiments and tools (Part 2); at most one of the modes")
     tools.add_argument("--figure3", action="store_true",
                        help="run the paper's 4 configurations x --seeds seeds (1, 2, ...) x --total-steps, plus "
@@ -683,6 +617,12 @@ def add_tool_flags(p):
                        help="numpy: our fast drawing; gymnasium: gymnasium's own pygame render, cropped and "
                             "downsampled the same way (slow, for checking)")
     return p
+
+
+def rollout_sizes(args):
+    """Transitions per rollout and updates per run, as train() computes them."""
+    batch_size = args.num_envs * args.num_steps
+    return batch_size, math.ceil(args.total_steps / batch_size)
 
 
 MODES = ("figure3", "collapse", "plot", "state_reference", "eval", "gif", "benchmark_renderer")
@@ -736,7 +676,7 @@ def parse_args(argv=None):
                      f"screen pixels of height; the upright pole needs {POLE_SPAN:.0f} and the screen has "
                      f"{400 - CROP_BOTTOM:.0f}: keep height/width in [{POLE_SPAN / SCREEN_WIDTH:.3f}, "
                      f"{(400 - CROP_BOTTOM) / SCREEN_WIDTH:.3f}]")
-    batch_size, _, _ = rollout_sizes(args)
+    batch_size, _ = rollout_sizes(args)
     if batch_size < 8 * args.num_minibatches:
         parser.error(f"--num-minibatches {args.num_minibatches}: minibatches of the rollout's {batch_size} "
                      "transitions (--num-envs x --num-steps) need at least 8 samples each (Eq. 2's batch variance)")
@@ -771,10 +711,72 @@ def run_name(jepa, rl_grad, reg):
     return f"{'jepa' if jepa else 'nojepa'}-{'rlgrad' if rl_grad else 'norlgrad'}-{'reg' if reg else 'noreg'}"
 
 
+# Every logged number, in the order of the columns of updates.csv: the training step's, then train()'s.
+UPDATE_COLUMNS = ["step", "mean_return", "loss", "jepa_loss", "reg_loss", "policy_loss", "value_loss", "entropy",
+                  "approx_kl", "grad_norm", "embedding_var", "effective_rank", "probe_r2_x", "probe_r2_x_dot",
+                  "probe_r2_theta", "probe_r2_theta_dot", "learning_rate", "sps"]
+
+
+class RunLog:
+    """A run's files, each row written and flushed as it comes, so a killed run keeps what it did: config.json,
+    episodes.csv (one row per episode), updates.csv (one row per update) and, at the end, model.pt and
+    summary.json. Also the console line per update and the collapse warning."""
+
+    def __init__(self, args):
+        self.out, self.window = args.out, args.window
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "config.json").write_text(json.dumps({k: str(v) if isinstance(v, Path) else v
+                                                          for k, v in vars(args).items()}, indent=2))
+        self.episodes_file = open(args.out / "episodes.csv", "w", newline="")
+        self.updates_file = open(args.out / "updates.csv", "w", newline="")
+        self.episodes = csv.writer(self.episodes_file)
+        self.updates = csv.DictWriter(self.updates_file, fieldnames=UPDATE_COLUMNS)
+        self.episodes.writerow(["step", "return", "length"])
+        self.updates.writeheader()
+        self.episodes_file.flush()
+        self.updates_file.flush()
+
+    def episode(self, step, episode_return, length):
+        self.episodes.writerow([step, episode_return, length])
+        self.episodes_file.flush()
+
+    def update(self, row, total_steps):
+        self.updates.writerow(row)
+        self.updates_file.flush()
+        print(f"step {row['step']:>7}/{total_steps} | sps {row['sps']:4.0f} | return(last {self.window}) "
+              f"{row['mean_return']:5.1f} | embedding var {row['embedding_var']:.1e} | eff. rank "
+              f"{row['effective_rank']:4.1f} | probe R2 theta {row['probe_r2_theta']:5.2f} | jepa {row['jepa_loss']:.3f}",
+              flush=True)
+        if row["embedding_var"] < COLLAPSE_THRESHOLD:
+            print(f"warning: embedding variance {row['embedding_var']:.1e} < {COLLAPSE_THRESHOLD:g}: "
+                  "the encoder has collapsed (every input maps to the same s_x)", flush=True)
+
+    def finish(self, nets, summary):
+        self.episodes_file.close()
+        self.updates_file.close()
+        torch.save({k: net.state_dict() for k, net in nets.items()}, self.out / "model.pt")
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        print(f"done: {summary['steps']} steps in {summary['wall_s']:.0f}s ({summary['sps']:.0f} sps); timing "
+              f"{', '.join(f'{k} {v:.0f}s' for k, v in summary['timing_s'].items())}; logs in {self.out}")
+
+
 # ------------------------------------------------------------------------------------------------------
-# 9. What the embedding knows: a linear probe of the true state (not in the paper)
-# ------------------------------------------------------------------------------------------------------
+# 9. What the embedding knows: effective rank and a linear probe of the true state (not in the paper)
 STATE_NAMES = ["x", "x_dot", "theta", "theta_dot"]
+
+
+def effective_rank(s):
+    # How many directions the embeddings really use (RankMe, Garrido et al. 2023). With p_k the singular values
+    # of s (n, d) normalised to sum 1: exp(-sum_k p_k log p_k), from 1 (all on one line) to d (fully spread).
+    singular_values = torch.linalg.svdvals(s)                         # (min(n, d),)
+    p = singular_values / singular_values.sum()
+    return torch.exp(-(p * torch.log(p.clamp_min(1e-30))).sum())
+
+
+def embedding_diagnostics(x_encoder, rollout_s_x, probe_set, device):
+    """The collapse indicators beyond the paper's variance: the effective rank of the rollout's s_x (T, N, D),
+    and the held-out R^2 of a linear probe of each state variable on the fixed probe set."""
+    return {"effective_rank": effective_rank(rollout_s_x.flatten(0, 1)).item(), **probe_r2(x_encoder, probe_set, device)}
 
 
 def make_probe_set(seed, height, width, size=512):
@@ -825,7 +827,6 @@ def probe_r2(x_encoder, probe_set, device):
 
 # ------------------------------------------------------------------------------------------------------
 # 10. gymnasium's own renderer, to check ours (a test compares them) and to time it
-# ------------------------------------------------------------------------------------------------------
 SCREEN_HEIGHT = 400.0
 
 
@@ -882,14 +883,12 @@ def benchmark_renderer(height, width, num_envs, repeats=200):
 
 # ------------------------------------------------------------------------------------------------------
 # 11. The state-based reference: PPO on the true 4-number state (not in the paper)
-# ------------------------------------------------------------------------------------------------------
 def train_state_reference(seed, total_steps, out, threads=1):
     raise NotImplementedError
 
 
 # ------------------------------------------------------------------------------------------------------
 # 12. Sweeps: Figure 3 (paper Section 3) and the collapse demonstration
-# ------------------------------------------------------------------------------------------------------
 FIGURE3_CONFIGS = {  # paper number: (jepa, rl_grad, reg, label)
     1: (False, True, False, "1: no JEPA, RL gradients (baseline)"),
     2: (True, True, False, "2: JEPA + RL gradients"),
@@ -965,7 +964,7 @@ def run_sweep(args, kind):
                 continue                                   # never overwrite a finished run
             jobs.append(job)
     total = sum(len(g) for g in sweep_jobs(args, kind).values())
-    steps_per_run = rollout_sizes(args)[2] * rollout_sizes(args)[0]
+    steps_per_run = math.prod(rollout_sizes(args))
     print(f"{kind}: {total - len(jobs)}/{total} runs already finished in {args.sweep_dir / kind}; running "
           f"{len(jobs)} with {args.workers} workers (progress: console.log in each run folder)")
     start = time.time()
@@ -1000,7 +999,6 @@ def run_sweep(args, kind):
 
 # ------------------------------------------------------------------------------------------------------
 # 13. Plots: Figure 3, the collapse figure, a figure for every run
-# ------------------------------------------------------------------------------------------------------
 
 
 def running_average_curve(episodes, grid, window):
@@ -1077,7 +1075,7 @@ def plot(args):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    batch_size, _, num_updates = rollout_sizes(args)
+    batch_size, num_updates = rollout_sizes(args)
     grid = np.arange(batch_size, num_updates * batch_size + 1, batch_size)     # one point per rollout
     args.plots_dir.mkdir(parents=True, exist_ok=True)
     for kind in ("figure3", "collapse"):
@@ -1227,7 +1225,6 @@ def plot_observation(args, plt):
 
 # ------------------------------------------------------------------------------------------------------
 # 14. Using a trained agent: load, evaluate, animate
-# ------------------------------------------------------------------------------------------------------
 
 
 def load_run(run_dir, device="cpu"):
