@@ -697,7 +697,7 @@ def parse_args(argv=None):
                      f"--figure3 or --collapse first ({args.plots_dir} is left as it is)")
     if args.collapse:
         vars(args).update(COLLAPSE_SETTING)
-    if modes and args.out is not None:
+    if modes and args.out is not None and not args.state_reference:
         parser.error(f"--out: {modes[0]} does not write a run folder (sweeps use --sweep-dir)")
     if not modes or args.state_reference:
         args.out = args.out or Path("runs") / (f"state-seed{args.seed}" if args.state_reference
@@ -883,8 +883,102 @@ def benchmark_renderer(height, width, num_envs, repeats=200):
 
 # ------------------------------------------------------------------------------------------------------
 # 11. The state-based reference: PPO on the true 4-number state (not in the paper)
+# The dashed line of Figure 3: what knowing the true state buys in 100k steps. A separate, well-tuned PPO with
+# its own settings and networks: RL Baselines3 Zoo's tuned CartPole-v1 PPO (hyperparams/ppo.yml), which reaches
+# 500 within 1e5 steps. It reuses Part 1's GAE and PPO losses; nothing of it shapes the pixel agent.
+STATE_REFERENCE = dict(num_envs=8, num_steps=32,        # 256 transitions per rollout
+                       update_epochs=20,                 # 20 passes over ONE minibatch: the whole rollout
+                       gamma=0.98, gae_lambda=0.8, ent_coef=0.0,
+                       learning_rate=1e-3, clip_coef=0.2,  # both annealed linearly to 0 over the budget
+                       vf_coef=1.0,                      # x our 1/2 MSE = SB3's 0.5 x MSE
+                       max_grad_norm=0.5, hidden=64)
+
+
+def state_mlp(num_outputs, output_gain, hidden):
+    """Two tanh hidden layers with orthogonal init, as Stable-Baselines3's MlpPolicy."""
+    layers = [nn.Linear(4, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, num_outputs)]
+    for linear, gain in zip(layers[::2], (math.sqrt(2), math.sqrt(2), output_gain)):
+        layer_init(linear, gain)
+    return nn.Sequential(*layers)
+
+
 def train_state_reference(seed, total_steps, out, threads=1):
-    raise NotImplementedError
+    """PPO on CartPole-v1's true 4-number state; writes config.json, episodes.csv, updates.csv, summary.json."""
+    cfg = argparse.Namespace(**STATE_REFERENCE, seed=seed, total_steps=total_steps)
+    N, T = cfg.num_envs, cfg.num_steps
+    num_updates = math.ceil(total_steps / (N * T))
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(vars(cfg), indent=2))
+    episodes_file, updates_file = open(out / "episodes.csv", "w", newline=""), open(out / "updates.csv", "w", newline="")
+    episodes_log, updates_log = csv.writer(episodes_file), csv.writer(updates_file)
+    episodes_log.writerow(["step", "return", "length"])
+    updates_log.writerow(["step", "mean_return", "learning_rate", "clip_coef", "policy_loss", "value_loss", "approx_kl"])
+
+    envs = gym.make_vec("CartPole-v1", num_envs=N, vectorization_mode="vector_entry_point")
+    actor = state_mlp(envs.single_action_space.n, 0.01, cfg.hidden)           # near-uniform first policy
+    critic = state_mlp(1, 1.0, cfg.hidden)
+    params = [*actor.parameters(), *critic.parameters()]
+    optimizer = torch.optim.Adam(params, lr=cfg.learning_rate, eps=1e-5)
+    observations = torch.zeros((T + 1, N, 4))
+    actions = torch.zeros((T, N), dtype=torch.long)
+    logprobs, rewards, terminated, episode_end = (torch.zeros((T, N)) for _ in range(4))
+    valid = torch.zeros((T, N), dtype=torch.bool)
+    states, _ = envs.reset(seed=seed)
+    previous_episode_end = np.zeros(N, dtype=bool)      # next-step autoreset, as in step_pixels
+    episode_return, episode_length, recent_returns = np.zeros(N), np.zeros(N, dtype=int), []
+    global_step, start = 0, time.time()
+    for update in range(num_updates):
+        fraction_left = 1.0 - update / num_updates      # RL Zoo's lin_1e-3 and lin_0.2 schedules
+        optimizer.param_groups[0]["lr"] = cfg.learning_rate * fraction_left
+        observations[0] = torch.as_tensor(states, dtype=torch.float32)
+        for t in range(T):                              # ---- rollout
+            with torch.no_grad():
+                dist = torch.distributions.Categorical(logits=actor(observations[t]))   # (N, 2)
+                actions[t] = dist.sample()
+                logprobs[t] = dist.log_prob(actions[t])
+            states, reward, term, trunc, _ = envs.step(actions[t].numpy())
+            global_step += N
+            observations[t + 1] = torch.as_tensor(states, dtype=torch.float32)
+            rewards[t], terminated[t] = torch.as_tensor(reward), torch.as_tensor(term * 1.0)
+            valid[t] = torch.as_tensor(~previous_episode_end)
+            previous_episode_end = term | trunc
+            episode_end[t] = torch.as_tensor(previous_episode_end * 1.0)
+            episode_return += reward
+            episode_length += valid[t].numpy()
+            for i in np.flatnonzero(previous_episode_end):
+                episodes_log.writerow([global_step, episode_return[i], episode_length[i]])
+                recent_returns.append(episode_return[i])
+                episode_return[i], episode_length[i] = 0.0, 0
+            episodes_file.flush()
+        with torch.no_grad():                           # ---- advantages, with Part 1's GAE
+            values = critic(observations).squeeze(-1)   # (T+1, N)
+            advantages, returns = compute_gae(rewards, values, terminated, episode_end, cfg.gamma, cfg.gae_lambda)
+        batch = {"observations": observations[:T][valid], "actions": actions[valid], "logprobs": logprobs[valid],
+                 "advantages": advantages[valid], "returns": returns[valid]}          # the valid steps only
+        for epoch in range(cfg.update_epochs):          # ---- update: the whole rollout is one minibatch
+            policy_loss, value_loss, entropy, approx_kl = ppo_losses(
+                actor(batch["observations"]), critic(batch["observations"]).squeeze(-1), batch,
+                cfg.clip_coef * fraction_left)
+            loss = policy_loss - cfg.ent_coef * entropy + cfg.vf_coef * value_loss
+            optimizer.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+        mean_return = float(np.mean(recent_returns[-20:])) if recent_returns else float("nan")
+        updates_log.writerow([global_step, mean_return, cfg.learning_rate * fraction_left,
+                              cfg.clip_coef * fraction_left, policy_loss.item(), value_loss.item(), approx_kl.item()])
+        updates_file.flush()
+    for file in (episodes_file, updates_file, envs):
+        file.close()
+    wall = time.time() - start
+    summary = {"steps": global_step, "wall_s": wall, "sps": global_step / wall, "final_mean_return": mean_return}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"done: {global_step} steps in {wall:.0f}s; return (last 20 episodes) {mean_return:.1f}; logs in {out}")
+    return summary
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -909,10 +1003,9 @@ def finished_runs(sweep_dir):
 def check_same_settings(out, args):
     """Refuse to reuse or plot a finished run that was made with other settings than this command's."""
     saved = json.loads((out / "config.json").read_text())
-    if saved.get("state_reference"):
-        return
-    different = {k: (saved.get(k), v) for k, v in vars(args).items()
-                 if k not in PER_RUN_FLAGS and saved.get(k) != (str(v) if isinstance(v, Path) else v)}
+    compared = ["total_steps"] if out.name.startswith("state-") else vars(args)   # the reference has its own settings
+    different = {k: (saved.get(k), getattr(args, k)) for k in compared if k not in PER_RUN_FLAGS
+                 and saved.get(k) != (str(getattr(args, k)) if isinstance(getattr(args, k), Path) else getattr(args, k))}
     if different:
         listed = ", ".join(f"{k}: run {a} vs now {b}" for k, (a, b) in different.items())
         sys.exit(f"error: {out} was made with other settings ({listed}); use another --sweep-dir or the same flags")
@@ -1022,7 +1115,7 @@ def load_runs(run_dirs, grid, window):
     """Finished runs' curves on `grid`: the running-average return and every column of updates.csv."""
     runs = {"seeds": [], "return": [], "wall_s": []}
     for run in run_dirs:
-        episodes = np.loadtxt(run / "episodes.csv", delimiter=",", skiprows=1, ndmin=2)
+        episodes = np.loadtxt(run / "episodes.csv", delimiter=",", skiprows=1, ndmin=2).reshape(-1, 3)
         runs["seeds"].append(int(run.name.rsplit("seed", 1)[1]))
         runs["return"].append(running_average_curve(episodes, grid, window))
         runs["wall_s"].append(json.loads((run / "summary.json").read_text())["wall_s"])

@@ -1,25 +1,34 @@
-"""The paper's mechanisms as executable facts. Run: python -m pytest -q
+"""The paper's mechanisms as executable facts, then the tools around them. Run: python -m pytest -q
 
-Each test states one thing the method relies on; if the implementation broke it, the test would fail.
+Part 1 follows the paper (Kenneweg et al., "JEPA for RL", ESANN 2025) in its own order: pixel Cart Pole, the
+x-encoder, the y-encoder, the predictor, Eq. 1-3, the --rl-grad switch, PPO, and how collapse is measured.
+Part 2 checks the tools: the linear probe, whole runs, the logs, bad input, Ctrl-C, checkpoints and the sweeps.
+Each test states one fact; if the implementation broke it, the test would fail.
 """
 
 import copy
 import csv
+import json
+import math
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 
 import jepa_cartpole as jc
 
 SCRIPT = Path(__file__).with_name("jepa_cartpole.py")
-H, W, PATCH, D = 16, 64, 8, 64
+H, W, PATCH, D = 16, 64, 8, 64           # the default frame and embedding sizes
 TINY = ["--total-steps", "128", "--num-envs", "4", "--num-steps", "16", "--num-minibatches", "2",
-        "--update-epochs", "1", "--depth", "1", "--threads", "1"]
+        "--update-epochs", "1", "--depth", "1", "--threads", "1"]   # 2 updates of 64 transitions: seconds per run
 
 
 def small_encoder(depth=1):
@@ -33,8 +42,54 @@ def random_states(n, seed=0):
                      rng.uniform(-0.25, 0.25, n), rng.normal(0, 1, n)], axis=1).astype(np.float32)
 
 
-# ---------------------------------------------------------------------------------------------- pixels
+def random_windows(n, seed=0):
+    """n windows (n, 3, H, W) uint8 of real rendered Cart Poles."""
+    return torch.from_numpy(jc.render_frames(random_states(3 * n, seed), H, W)).view(n, 3, H, W)
+
+
+def tiny_args(*flags):
+    """The TINY configuration as parse_args gives it (parse_args writes nothing; the --out is never created)."""
+    return jc.parse_args([*TINY, *flags, "--out", "never-written"])
+
+
+def crafted_minibatch(m=16, seed=0):
+    """A minibatch as the training step receives it: windows, the JEPA targets s_y, and PPO's rollout numbers."""
+    g = torch.Generator().manual_seed(seed)
+    return {"windows": random_windows(m, seed), "s_y": torch.randn(m, D, generator=g),
+            "actions": torch.randint(0, 2, (m,), generator=g), "logprobs": torch.full((m,), math.log(0.5)),
+            "advantages": torch.randn(m, generator=g), "returns": torch.randn(m, generator=g)}
+
+
+def networks(args, seed=0):
+    torch.manual_seed(seed)
+    nets = jc.make_networks(args, num_actions=2)
+    return nets, jc.make_optimizer(nets, args)
+
+
+def weights(net):
+    return [p.detach().clone() for p in net.parameters()]
+
+
+def same_weights(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+# ######################################################################################################
+# Part 1: the paper's mechanisms as facts
+# ######################################################################################################
+
+# ---------------------------------------------------------------------------------------------- 1. settings
+def test_with_no_flags_the_run_is_configuration_2_with_the_papers_values():
+    """No flags = configuration 2 (JEPA + RL gradients, no regulariser), d = 64, tau = 0.99, 100k steps."""
+    args = jc.parse_args(["--out", "never-written"])
+    assert (args.jepa, args.rl_grad, args.reg) == (True, True, False)
+    assert (args.embed_dim, args.ema_tau, args.total_steps, args.jepa_coef, args.reg_coef) == (64, 0.99, 100_000, 1, 1)
+    assert jc.run_name(args.jepa, args.rl_grad, args.reg) == "jepa-rlgrad-noreg"
+
+
+# ---------------------------------------------------------------------------------------------- 2. pixels
 def test_numpy_renderer_draws_the_same_scene_as_gymnasium():
+    """Our renderer draws gymnasium's own scene (cropped, downsampled) directly at 16 x 64."""
     states = random_states(24)
     ours = jc.render_frames(states, H, W)
     theirs = jc.GymnasiumRenderer(H, W)(states)
@@ -50,11 +105,15 @@ def test_numpy_renderer_draws_the_same_scene_as_gymnasium():
 
 
 def test_renderer_antialiases_subpixel_motion():
-    # moving the cart by a tenth of an image pixel changes the picture: velocity is visible from frame to frame
+    """One image pixel is 4.8/64 = 0.075 world units. A cart moved by a tenth of that (7.5 mm) still changes the
+    picture: edges are anti-aliased, so velocity is visible from frame to frame, not only in whole pixels."""
     states = np.zeros((2, 4), np.float32)
     states[1, 0] = 0.1 * (4.8 / W)
     frames = jc.render_frames(states, H, W)
     assert (frames[0] != frames[1]).any()
+    # box_coverage is the exact fraction of a pixel inside an edge: a pixel of width 1 centred 0.3 inside [0, 10]
+    # is covered from 0 to 0.8, i.e. 80%.
+    assert jc.box_coverage(np.array(0.3), 0.0, 10.0, 1.0) == pytest.approx(0.8)
 
 
 def test_push_frame_slides_the_window_and_pads_new_episodes():
@@ -70,7 +129,8 @@ def test_x_and_y_windows_are_the_right_frames_and_never_cross_an_episode():
 
     Each frame is stamped with a serial number; the test knows which episode each serial belongs to from the
     env's own done flags. For every real transition t: the x-window is [f(t-2), f(t-1), f(t)], the y-window
-    (the next x-window) is [f(t-1), f(t), f(t+1)], and all six frames come from one episode.
+    (the next x-window) is [f(t-1), f(t), f(t+1)], and all six frames come from one episode. The autoreset step
+    (gymnasium 1.x starts the new episode one step after the end) is marked invalid.
     """
     n = 3
     envs = gym.make_vec("CartPole-v1", num_envs=n, vectorization_mode="vector_entry_point")
@@ -96,7 +156,7 @@ def test_x_and_y_windows_are_the_right_frames_and_never_cross_an_episode():
     for _ in range(60):
         old = window.copy()
         window, _, _, _, ended, valid = jc.step_pixels(envs, np.ones(n, dtype=np.int64), window, last_ended,
-                                                    stamping_render)
+                                                       stamping_render)
         for i in range(n):
             x_ids, y_ids = ids(old[i]), ids(window[i])
             new_id = y_ids[-1]
@@ -118,30 +178,24 @@ def test_x_and_y_windows_are_the_right_frames_and_never_cross_an_episode():
     assert checked_ends >= 3                              # the episode ends really were exercised
 
 
-# ---------------------------------------------------------------------------------------------- encoder
+# ---------------------------------------------------------------------------------------------- 3. x-encoder
 def test_shapes():
+    """16 x 64 frames in 8 x 8 patches: 2 x 8 = 16 patches per frame, 48 tokens for 3 frames (+ CLS)."""
     enc = small_encoder()
-    windows = torch.randint(0, 256, (5, 3, H, W), dtype=torch.uint8)
-    assert enc.positional_encoding().shape == (3 * (H // PATCH) * (W // PATCH), D)
+    windows = random_windows(5)
+    assert enc.positional_encoding().shape == (3 * (H // PATCH) * (W // PATCH), D) == (48, 64)
     s_x = enc(windows)
     assert s_x.shape == (5, D)
     pred = jc.Predictor(D, 32, num_actions=2)(s_x, torch.tensor([0, 1, 0, 1, 1]))
     assert pred.shape == (5, D)
 
 
-def test_cls_only_last_block_gives_the_same_embedding():
-    enc = small_encoder(depth=2)
-    windows = torch.randint(0, 256, (6, 3, H, W), dtype=torch.uint8)
-    with torch.no_grad():
-        torch.testing.assert_close(enc(windows, cls_only_last_block=True), enc(windows, cls_only_last_block=False))
-
-
 def test_positional_encoding_tells_frames_apart():
+    """A cart moving right and the same three frames played backwards (moving left): only the frame index tells
+    them apart. Without it, a transformer over a set of tokens gives the same s_x for both."""
     enc = small_encoder()
     pos = enc.positional_encoding().view(3, -1, D)            # (frame, patch, D)
     assert not torch.allclose(pos[0], pos[1]) and not torch.allclose(pos[1], pos[2])
-    # A cart moving right, and the same three frames played backwards (moving left): only the frame index
-    # tells these apart. Without it, a transformer over a set of tokens gives the same s_x for both.
     states = np.zeros((3, 4), np.float32)
     states[:, 0] = [-0.3, 0.0, 0.3]
     forward = torch.from_numpy(jc.render_frames(states, H, W))[None]   # (1, 3, H, W)
@@ -152,13 +206,56 @@ def test_positional_encoding_tells_frames_apart():
         assert torch.allclose(enc(forward), enc(backward), atol=1e-5)
 
 
-def test_predictor_uses_the_action():
-    pred = jc.Predictor(D, 32, num_actions=2)
-    s_x = torch.randn(1, D)
-    assert not torch.allclose(pred(s_x, torch.tensor([0])), pred(s_x, torch.tensor([1])))
+def test_last_block_for_the_cls_token_only_is_speed_with_the_same_result():
+    """Only the CLS output is read after the last block, so computing that block for the CLS query alone (every
+    token still gives keys and values) must give exactly what the full block gives at position 0."""
+    torch.manual_seed(0)
+    block = jc.Block(D, heads=4, mlp_ratio=2)
+    x = torch.randn(7, 1 + 48, D)                                     # (B, 1 + 3P, D) random tokens
+    with torch.no_grad():
+        fast = jc.last_block_cls_only(block, x)
+        assert fast.shape == (7, 1, D)
+        torch.testing.assert_close(fast, block(x)[:, :1])
+    # and through the whole encoder, on random windows: s_x is the same as with the full last block
+    enc = small_encoder(depth=2)
+    windows = torch.randint(0, 256, (6, 3, H, W), dtype=torch.uint8)
+    with torch.no_grad():
+        fast = enc(windows)
+        original = jc.last_block_cls_only
+        try:
+            jc.last_block_cls_only = lambda block, x: block(x)[:, :1]   # the full last block, CLS read after
+            full = enc(windows)
+        finally:
+            jc.last_block_cls_only = original
+    torch.testing.assert_close(fast, full)
 
 
-# ---------------------------------------------------------------------------------------------- y-encoder
+# ---------------------------------------------------------------------------------------------- 4. y-encoder
+def test_y_encoder_starts_equal_and_never_receives_gradients():
+    x_enc = small_encoder()
+    y_enc = jc.make_y_encoder(x_enc)
+    assert same_weights(y_enc.parameters(), x_enc.parameters())
+    predictor = jc.Predictor(D, 32, 2)
+    windows = random_windows(8)
+    s_x, s_y = x_enc(windows), y_enc(windows.roll(1, 0))       # no torch.no_grad() here on purpose
+    loss = jc.jepa_loss(predictor(s_x, torch.zeros(8, dtype=torch.long)), s_y) + jc.variance_regulariser(s_y)
+    loss.backward()
+    assert all(p.grad is None and not p.requires_grad for p in y_enc.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in x_enc.parameters())
+
+
+def test_y_encoder_is_not_in_the_optimiser_and_everything_else_is():
+    """The y-encoder learns only through the EMA; the optimiser holds the x-encoder, predictor, actor and critic."""
+    nets, optimizer = networks(tiny_args())
+    in_optimizer = [id(p) for group in optimizer.param_groups for p in group["params"]]
+    assert len(in_optimizer) == len(set(in_optimizer))                 # each parameter once
+    trained = {id(p) for k in ("x_encoder", "predictor", "actor", "critic") for p in nets[k].parameters()}
+    assert set(in_optimizer) == trained
+    assert not {id(p) for p in nets["y_encoder"].parameters()} & set(in_optimizer)
+    assert set(nets) == set(jc.make_networks(tiny_args(), 2)) == {"x_encoder", "y_encoder", "predictor", "actor",
+                                                                  "critic"}
+
+
 def test_ema_with_tau_0_copies_and_with_tau_1_freezes():
     x_enc = small_encoder()
     y_enc = jc.make_y_encoder(x_enc)
@@ -169,55 +266,58 @@ def test_ema_with_tau_0_copies_and_with_tau_1_freezes():
     jc.ema_update(y_enc, x_enc, tau=1.0)
     assert all(torch.equal(frozen[k], v) for k, v in y_enc.state_dict().items())
     jc.ema_update(y_enc, x_enc, tau=0.0)
-    assert all(torch.equal(a, b) for a, b in zip(y_enc.parameters(), x_enc.parameters()))
+    assert same_weights(y_enc.parameters(), x_enc.parameters())
 
 
 def test_ema_blends_with_tau():
+    """theta_y <- tau * theta_y + (1 - tau) * theta_x. With tau = 0.99, theta_y = 2 and theta_x = 12:
+    0.99 * 2 + 0.01 * 12 = 2.1. Each step moves the y-encoder 1% of the way to the x-encoder."""
     x_enc = small_encoder()
     y_enc = jc.make_y_encoder(x_enc)
     with torch.no_grad():
-        for p in y_enc.parameters():
-            p.zero_()
+        for p_y, p_x in zip(y_enc.parameters(), x_enc.parameters()):
+            p_y.fill_(2.0)
+            p_x.fill_(12.0)
     jc.ema_update(y_enc, x_enc, tau=0.99)
-    for a, b in zip(y_enc.parameters(), x_enc.parameters()):
-        torch.testing.assert_close(a, 0.01 * b)
+    for p in y_enc.parameters():
+        torch.testing.assert_close(p, torch.full_like(p, 2.1))
+    jc.ema_update(y_enc, x_enc, tau=0.99)                            # 0.99 * 2.1 + 0.01 * 12 = 2.199
+    for p in y_enc.parameters():
+        torch.testing.assert_close(p, torch.full_like(p, 2.199))
 
 
-def test_y_encoder_starts_equal_and_never_receives_gradients():
-    x_enc = small_encoder()
-    y_enc = jc.make_y_encoder(x_enc)
-    assert all(torch.equal(a, b) for a, b in zip(y_enc.parameters(), x_enc.parameters()))
-    predictor = jc.Predictor(D, 32, 2)
-    windows = torch.randint(0, 256, (8, 3, H, W), dtype=torch.uint8)
-    s_x, s_y = x_enc(windows), y_enc(windows.roll(1, 0))       # no torch.no_grad() here on purpose
-    loss = jc.jepa_loss(predictor(s_x, torch.zeros(8, dtype=torch.long)), s_y) + jc.variance_regulariser(s_y)
-    loss.backward()
-    assert all(p.grad is None and not p.requires_grad for p in y_enc.parameters())
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in x_enc.parameters())
+def test_the_ema_runs_after_every_optimiser_step():
+    """Two training steps move the x-encoder x0 -> x1 -> x2; the y-encoder (starting at y0 = x0) must be
+    y2 = tau * (tau * x0 + (1 - tau) * x1) + (1 - tau) * x2. With tau = 0.9: 0.81 x0 + 0.09 x1 + 0.1 x2."""
+    args = tiny_args()
+    args.ema_tau, args.learning_rate = 0.9, 1e-2          # a large step, so that x0, x1, x2 are far apart
+    nets, optimizer = networks(args)
+    mb = crafted_minibatch()
+    x0 = weights(nets["x_encoder"])
+    jc.training_step(nets, optimizer, mb, args)
+    x1 = weights(nets["x_encoder"])
+    jc.training_step(nets, optimizer, mb, args)
+    x2 = weights(nets["x_encoder"])
+    assert max((b - a).abs().max() for a, b in zip(x0, x2)) > 1e-3    # the x-encoder really moved
+    for y, a, b, c in zip(nets["y_encoder"].parameters(), x0, x1, x2):
+        torch.testing.assert_close(y, 0.81 * a + 0.09 * b + 0.1 * c, rtol=0, atol=1e-6)
+        assert y.grad is None                                         # and it still got no gradient
 
 
-# ---------------------------------------------------------------------------------------------- gradients
-@pytest.mark.parametrize("rl_grad", [True, False])
-def test_rl_grad_switch_controls_whether_ppo_trains_the_encoder(rl_grad):
-    enc = small_encoder()
-    actor, critic = jc.make_heads(D, 2)
-    windows = torch.randint(0, 256, (8, 3, H, W), dtype=torch.uint8)
-    s_rl = jc.rl_input(enc(windows), rl_grad)
-    args = jc.build_parser().parse_args([])
-    actions = torch.randint(0, 2, (8,))
-    policy_loss, value_loss, entropy, _ = jc.ppo_losses(actor(s_rl), critic(s_rl).squeeze(-1), actions,
-                                                        torch.full((8,), -0.69), torch.randn(8), torch.randn(8), args)
-    (policy_loss + value_loss - 0.01 * entropy).backward()
-    encoder_grad = sum(p.grad.abs().sum().item() for p in enc.parameters() if p.grad is not None)
-    assert (encoder_grad > 0) == rl_grad
-    assert all(p.grad is not None for p in actor.parameters())   # the heads learn either way
+# ---------------------------------------------------------------------------------------------- 5. predictor
+def test_predictor_uses_the_action():
+    """The action is JEPA's latent variable z: the same s_x with 'push left' and 'push right' predicts two
+    different futures."""
+    pred = jc.Predictor(D, 32, num_actions=2)
+    s_x = torch.randn(1, D)
+    assert not torch.allclose(pred(s_x, torch.tensor([0])), pred(s_x, torch.tensor([1])))
 
 
-# ---------------------------------------------------------------------------------------------- losses
+# ---------------------------------------------------------------------------------------------- 6. losses
 def test_eq1_jepa_loss_is_the_squared_euclidean_distance():
     pred = torch.tensor([[1.0, 2.0], [0.0, 0.0]])
     target = torch.tensor([[1.0, 0.0], [3.0, 4.0]])
-    # ||(0, 2)||^2 = 4 and ||(-3, -4)||^2 = 25, averaged over the batch
+    # ||(0, 2)||^2 = 4 and ||(-3, -4)||^2 = 25, averaged over the batch: 14.5
     assert jc.jepa_loss(pred, target).item() == pytest.approx(14.5)
 
 
@@ -226,24 +326,70 @@ def test_eq2_regulariser_rewards_variance_and_is_clamped_at_1():
     # unbiased batch variances: 0.02 and 0.08 -> mean 0.05 -> L_reg = -0.05
     assert jc.variance_regulariser(s).item() == pytest.approx(-0.05)
     assert jc.embedding_variance(s).item() == pytest.approx(0.05)
-    wide = torch.tensor([[0.0, 0.0], [4.0, 6.0]])                  # variances 8 and 18: clamped
-    assert jc.variance_regulariser(wide).item() == -1.0
-    wide.requires_grad_(True)
-    jc.variance_regulariser(wide).backward()
+    wide = torch.tensor([[0.0, 0.0], [4.0, 6.0]], requires_grad=True)   # variances 8 and 18: clamped at 1
+    loss = jc.variance_regulariser(wide)
+    assert loss.item() == -1.0
+    loss.backward()
     assert wide.grad.abs().sum() == 0                              # variance >= 1: no push any more
-    collapsed = torch.ones(4, 3, requires_grad=True)
-    assert jc.variance_regulariser(collapsed).item() == 0.0
+    collapsed = torch.ones(4, 3)
+    assert jc.variance_regulariser(collapsed).item() == 0.0        # the worst value: everything the same
 
 
-def test_eq3_total_loss_follows_the_switches():
-    args = jc.build_parser().parse_args([])
-    a, c, j, r = (torch.tensor(v) for v in (1.0, 2.0, 10.0, -0.5))
-    for jepa, reg, expected in [(False, False, 3.0), (True, False, 13.0), (True, True, 12.5), (False, True, 2.5)]:
-        args.jepa, args.reg = jepa, reg
-        assert jc.total_loss(a, c, j, r, args).item() == pytest.approx(expected)
+def test_eq2_gradient_fades_as_the_batch_collapses():
+    """Eq. 2 pushes the embeddings apart with a force proportional to their spread. Worked example, d = 1:
+    s = [0, 0.1] has variance 0.005, and dL_reg/ds = -2 (s - mean) / (n - 1) = [0.1, -0.1] (descent pulls them
+    apart). For s = c + eps * noise the gradient's norm is proportional to eps: it vanishes at full collapse."""
+    s = torch.tensor([[0.0], [0.1]], dtype=torch.float64, requires_grad=True)
+    jc.variance_regulariser(s).backward()
+    torch.testing.assert_close(s.grad, torch.tensor([[0.1], [-0.1]], dtype=torch.float64))
+    g = torch.Generator().manual_seed(0)
+    c, noise = torch.randn(1, D, generator=g, dtype=torch.float64), torch.randn(32, D, generator=g, dtype=torch.float64)
+    norms = []
+    for eps in (1e-1, 1e-2, 1e-3, 0.0):
+        s = (c + eps * noise).requires_grad_(True)
+        jc.variance_regulariser(s).backward()
+        norms.append(s.grad.norm().item())
+    assert norms[0] > 0 and norms[1] / norms[0] == pytest.approx(0.1) and norms[2] / norms[1] == pytest.approx(0.1)
+    assert norms[3] < 1e-12                                       # full collapse: no push at all (up to rounding)
 
 
-# ---------------------------------------------------------------------------------------------- PPO
+def test_a_constant_encoder_and_predictor_solve_eq1_perfectly():
+    """The trivial solution collapse exploits: an encoder that ignores its input (patch weights 0) and a predictor
+    that outputs that constant give JEPA loss 0, and the embedding variance is 0: collapse, by definition."""
+    enc = small_encoder()
+    with torch.no_grad():
+        enc.patch_embed.weight.zero_()                             # every window -> the same tokens -> the same s
+    y_enc = jc.make_y_encoder(enc)
+    predictor = jc.Predictor(D, 32, 2)
+    windows = random_windows(16)
+    with torch.no_grad():
+        s_x, s_y = enc(windows), y_enc(windows.roll(1, 0))
+        for layer in (predictor.fc1, predictor.action_proj, predictor.fc2):
+            layer.weight.zero_()
+        predictor.fc2.bias.copy_(s_x[0])                           # always predict the constant
+        loss = jc.jepa_loss(predictor(s_x, torch.randint(0, 2, (16,))), s_y)
+    assert loss.item() < 1e-10
+    assert jc.embedding_variance(s_x).item() < 1e-12 < jc.COLLAPSE_THRESHOLD
+    assert jc.variance_regulariser(s_x).item() == pytest.approx(0.0, abs=1e-12)   # only Eq. 2 objects
+
+
+# ---------------------------------------------------------------------------------------------- 7. PPO
+def test_ppo_clips_the_ratio_pessimistically():
+    """Two samples, advantages [1, -1] -> normalised [0.707, -0.707]; pi_old(a) = 0.5 for both.
+    Sample 0: pi_new = 0.75, ratio 1.5 > 1.2, positive advantage: clipped, -0.707 * 1.2 = -0.849.
+    Sample 1: pi_new = 0.25, ratio 0.5 < 0.8, negative advantage: clipped, +0.707 * 0.8 = +0.566.
+    Policy loss = mean = -0.141. Value loss = 1/2 mean((1 - 0)^2, (2 - 0)^2) = 1.25. Entropy of (0.75, 0.25) =
+    0.562."""
+    logits = torch.log(torch.tensor([[0.75, 0.25], [0.75, 0.25]]))
+    mb = {"actions": torch.tensor([0, 1]), "logprobs": torch.log(torch.tensor([0.5, 0.5])),
+          "advantages": torch.tensor([1.0, -1.0]), "returns": torch.tensor([0.0, 0.0])}
+    policy, value, entropy, approx_kl = jc.ppo_losses(logits, torch.tensor([1.0, 2.0]), mb, clip_coef=0.2)
+    assert policy.item() == pytest.approx((-1.2 + 0.8) / 2 / math.sqrt(2), abs=1e-5)
+    assert value.item() == pytest.approx(1.25)
+    assert entropy.item() == pytest.approx(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)), abs=1e-6)
+    assert approx_kl.item() > 0
+
+
 def test_gae_with_a_termination_and_a_truncation():
     gamma, lam = 0.9, 0.5
     # one env, 4 steps: step 1 terminates (pole fell), step 3 is truncated (time limit) -> bootstrap from V[4]
@@ -252,20 +398,149 @@ def test_gae_with_a_termination_and_a_truncation():
     terminated = torch.tensor([[0.0], [1.0], [0.0], [0.0]])
     episode_end = torch.tensor([[0.0], [1.0], [0.0], [1.0]])
     adv, ret = jc.compute_gae(rewards, values, terminated, episode_end, gamma, lam)
-    d3 = 1 + 0.9 * 10.0 - 0.2            # truncation: bootstrapped with V(final window)
-    d2 = 1 + 0.9 * 0.2 - 0.3
-    a2 = d2 + 0.9 * 0.5 * d3
-    d1 = 1 + 0.0 - 0.4                   # termination: no future value
-    d0 = 1 + 0.9 * 0.4 - 0.5
-    a0 = d0 + 0.9 * 0.5 * d1
+    d3 = 1 + 0.9 * 10.0 - 0.2            # truncation: bootstrapped with V(final window) = 9.8
+    d2 = 1 + 0.9 * 0.2 - 0.3             # 0.88
+    a2 = d2 + 0.9 * 0.5 * d3             # 0.88 + 0.45 * 9.8 = 5.29
+    d1 = 1 + 0.0 - 0.4                   # termination: no future value, 0.6
+    d0 = 1 + 0.9 * 0.4 - 0.5             # 0.86
+    a0 = d0 + 0.9 * 0.5 * d1             # 0.86 + 0.27 = 1.13; nothing flows back across the end at step 1
     torch.testing.assert_close(adv[:, 0], torch.tensor([a0, d1, a2, d3]))
+    torch.testing.assert_close(adv[:, 0], torch.tensor([1.13, 0.6, 5.29, 9.8]))
     torch.testing.assert_close(ret, adv + values[:-1])
 
 
+# ---------------------------------------------------------------------------------------------- 8. training step
+@pytest.mark.parametrize("jepa", [True, False], ids=["jepa", "no-jepa"])
+@pytest.mark.parametrize("reg", [True, False], ids=["reg", "no-reg"])
+def test_eq3_the_training_step_minimises_the_weighted_sum_the_switches_choose(jepa, reg):
+    """Eq. 3, L = L_actor + L_critic (+ jepa_coef * L_jepa) (+ reg_coef * L_reg), with weights other than 1 so
+    that each term's weight is visible. Each term is computed here, independently, before the step."""
+    args = tiny_args("--jepa" if jepa else "--no-jepa", "--reg" if reg else "--no-reg")
+    args.jepa_coef, args.reg_coef, args.ent_coef, args.vf_coef = 0.3, 2.0, 0.05, 0.7
+    nets, optimizer = networks(args)
+    mb = crafted_minibatch()
+    with torch.no_grad():
+        s_x = nets["x_encoder"](mb["windows"])
+        policy, value, entropy, _ = jc.ppo_losses(nets["actor"](s_x), nets["critic"](s_x).squeeze(-1), mb,
+                                                  args.clip_coef)
+        l_jepa = jc.jepa_loss(nets["predictor"](s_x, mb["actions"]), mb["s_y"])
+        l_reg = jc.variance_regulariser(s_x)
+    expected = policy - 0.05 * entropy + 0.7 * value + (0.3 * l_jepa if jepa else 0) + (2.0 * l_reg if reg else 0)
+    assert abs(l_jepa.item()) > 1 and abs(l_reg.item()) > 1e-4       # both terms matter at these weights
+    logged = jc.training_step(nets, optimizer, mb, args)
+    assert logged["loss"].item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
+    assert logged["policy_loss"].item() == pytest.approx(policy.item(), rel=1e-5, abs=1e-6)
+    assert logged["reg_loss"].item() == pytest.approx(l_reg.item(), rel=1e-5, abs=1e-7)
+    if jepa:
+        assert logged["jepa_loss"].item() == pytest.approx(l_jepa.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("rl_grad", [True, False], ids=["rl-grad", "no-rl-grad"])
+def test_rl_grad_switch_decides_whether_ppo_trains_the_encoder(rl_grad):
+    """With JEPA and the regulariser off, PPO's losses are the only possible teacher of the x-encoder:
+    --no-rl-grad detaches s_x, so the encoder gets no gradient and does not move; the heads learn either way."""
+    args = tiny_args("--no-jepa", "--no-reg", "--rl-grad" if rl_grad else "--no-rl-grad")
+    nets, optimizer = networks(args)
+    before = {k: weights(nets[k]) for k in ("x_encoder", "actor", "critic")}
+    jc.training_step(nets, optimizer, crafted_minibatch(), args)
+    assert not same_weights(before["actor"], nets["actor"].parameters())
+    assert not same_weights(before["critic"], nets["critic"].parameters())
+    assert same_weights(before["x_encoder"], nets["x_encoder"].parameters()) == (not rl_grad)
+    if not rl_grad:
+        assert all(p.grad is None or not p.grad.any() for p in nets["x_encoder"].parameters())
+
+
+def test_with_no_jepa_no_rl_grad_no_reg_a_whole_run_leaves_the_encoder_at_its_initial_weights(tmp_path):
+    """Nothing teaches the x-encoder then: a real (tiny) run of the training loop ends with the encoder exactly as
+    it was initialised, while the actor learned. (The networks are rebuilt with the run's seed to compare.)"""
+    args = jc.parse_args([*TINY, "--no-jepa", "--no-rl-grad", "--no-reg", "--out", str(tmp_path / "run")])
+    _, nets = jc.train(args)
+    torch.manual_seed(args.seed)
+    initial = jc.make_networks(args, num_actions=2)
+    assert same_weights(initial["x_encoder"].parameters(), nets["x_encoder"].parameters())
+    assert not same_weights(initial["actor"].parameters(), nets["actor"].parameters())
+
+
+# ---------------------------------------------------------------------------------------------- 9. collapse indicators
+def test_effective_rank_counts_the_directions_the_embeddings_use():
+    """exp(entropy of the normalised singular values). Singular values (3, 1) -> p = (0.75, 0.25) ->
+    exp(-(0.75 ln 0.75 + 0.25 ln 0.25)) = exp(0.562) = 1.755. All on one line: 1. Fully spread: d."""
+    assert jc.effective_rank(torch.tensor([[3.0, 0.0], [0.0, 1.0]])).item() == pytest.approx(1.7548, abs=1e-4)
+    g = torch.Generator().manual_seed(0)
+    rank_one = torch.randn(500, 1, generator=g, dtype=torch.float64) @ torch.randn(1, 16, generator=g,
+                                                                                 dtype=torch.float64)
+    assert jc.effective_rank(rank_one).item() == pytest.approx(1.0, abs=1e-3)
+    isotropic = torch.randn(4000, 16, generator=g)
+    assert jc.effective_rank(isotropic).item() > 0.9 * 16
+
+
+# ######################################################################################################
+# Part 2: the tools
+# ######################################################################################################
+
+# ---------------------------------------------------------------------------------------------- linear probe
+class LookupEncoder(nn.Module):
+    """A fake encoder that 'knows' the probe set: it looks each window up and returns f(true state)."""
+
+    def __init__(self, probe_set, f):
+        super().__init__()
+        windows, states = probe_set
+        self.index = {w.numpy().tobytes(): i for i, w in enumerate(windows)}
+        self.states, self.f = states, f
+
+    def forward(self, windows):
+        return self.f(self.states[[self.index[w.numpy().tobytes()] for w in windows]])
+
+
+@pytest.fixture(scope="module")
+def probe_set():
+    return jc.make_probe_set(1, H, W)
+
+
+def test_probe_set_is_fixed_by_the_seed(probe_set):
+    windows, states = probe_set
+    assert windows.shape == (512, 3, H, W) and windows.dtype == torch.uint8 and states.shape == (512, 4)
+    again = jc.make_probe_set(1, H, W)
+    assert torch.equal(again[0], windows) and torch.equal(again[1], states)
+    assert not torch.equal(jc.make_probe_set(2, H, W)[1], states)
+    assert len({w.numpy().tobytes() for w in windows}) == 512           # every window different
+
+
+def test_linear_probe_reads_a_linear_embedding_and_nothing_from_a_constant_one(probe_set):
+    _, states = probe_set
+    torch.manual_seed(0)
+    linear = states @ torch.randn(4, D) + 0.01 * torch.randn(512, D)   # s_x = a linear function of the state
+    r2 = jc.linear_probe_r2(linear[:256], states[:256], linear[256:], states[256:])
+    assert r2.shape == (4,) and (r2 > 0.99).all()
+    constant = torch.ones(512, D)                                      # a collapsed encoder
+    r2 = jc.linear_probe_r2(constant[:256], states[:256], constant[256:], states[256:])
+    assert (r2.abs() < 0.05).all()
+
+
+def test_probe_r2_scores_what_the_encoder_knows_on_the_probe_set(probe_set):
+    mixing = torch.randn(4, D, generator=torch.Generator().manual_seed(0))
+    keys = ["probe_r2_x", "probe_r2_x_dot", "probe_r2_theta", "probe_r2_theta_dot"]
+    knows_all = jc.probe_r2(LookupEncoder(probe_set, lambda s: s @ mixing), probe_set, "cpu")
+    assert list(knows_all) == keys and all(v > 0.99 for v in knows_all.values())
+    knows_cart = jc.probe_r2(LookupEncoder(probe_set, lambda s: s[:, :2] @ mixing[:2]), probe_set, "cpu")
+    assert knows_cart["probe_r2_x"] > 0.99 and knows_cart["probe_r2_x_dot"] > 0.99
+    assert knows_cart["probe_r2_theta"] < 0.2                          # the pole is not in this embedding
+    knows_nothing = jc.probe_r2(LookupEncoder(probe_set, lambda s: torch.ones(len(s), D)), probe_set, "cpu")
+    assert all(abs(v) < 0.05 for v in knows_nothing.values())
+    real = jc.probe_r2(small_encoder(), probe_set, "cpu")                 # and the real ViT runs through it
+    assert list(real) == keys and all(math.isfinite(v) for v in real.values())
+
+
 # ---------------------------------------------------------------------------------------------- whole runs
-def run_script(*flags, cwd):
+def run_script(*flags, cwd, timeout=240):
     return subprocess.run([sys.executable, str(SCRIPT), *flags], cwd=cwd, capture_output=True, text=True,
-                          timeout=240)
+                          timeout=timeout)
+
+
+def read_rows(path):
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return reader.fieldnames, list(reader)
 
 
 @pytest.mark.parametrize("jepa", ["--jepa", "--no-jepa"])
@@ -277,96 +552,192 @@ def test_every_switch_combination_trains_end_to_end(jepa, rl_grad, reg, tmp_path
     name = "-".join(flag[2:].replace("-", "") for flag in (jepa, rl_grad, reg))   # e.g. nojepa-rlgrad-reg
     out = tmp_path / "runs" / f"{name}-seed1"
     assert out.is_dir(), list((tmp_path / "runs").iterdir())
-    with open(out / "updates.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert len(rows) == 2 and {"step", "jepa_loss", "reg_loss", "policy_loss", "value_loss", "entropy",
-                               "embedding_var", "sps"} <= set(rows[0])
+    for file in ("updates.csv", "episodes.csv", "config.json", "summary.json", "model.pt", "training.png"):
+        assert (out / file).is_file(), file
+    columns, rows = read_rows(out / "updates.csv")
+    assert columns == jc.UPDATE_COLUMNS and len(rows) == 2                  # 128 steps = 2 rollouts of 64
+    assert all(math.isfinite(float(r["loss"])) for r in rows)
+    assert all((float(r["jepa_loss"]) != 0) == (jepa == "--jepa") for r in rows)   # Eq. 1 only when switched on
     assert (out / "episodes.csv").read_text().startswith("step,return,length")
-    assert (out / "config.json").exists()
+    assert json.loads((out / "config.json").read_text())["jepa"] == (jepa == "--jepa")
+    assert "training.png" in result.stdout.strip().splitlines()[-1]
 
 
-def test_same_seed_gives_identical_episodes(tmp_path):
+def test_same_seed_gives_identical_logs(tmp_path):
+    """Everything is seeded: two runs of one command give the same episodes and the same logged numbers (only
+    the speed, sps, differs)."""
     logs = []
     for k in range(2):
         result = run_script(*TINY, "--total-steps", "256", "--seed", "7", "--out", str(tmp_path / f"run{k}"),
                             cwd=tmp_path)
         assert result.returncode == 0, result.stderr
-        logs.append((tmp_path / f"run{k}" / "episodes.csv").read_text())
-    assert logs[0] == logs[1] and logs[0].count("\n") > 5
+        columns, rows = read_rows(tmp_path / f"run{k}" / "updates.csv")
+        logs.append(((tmp_path / f"run{k}" / "episodes.csv").read_text(),
+                     [{c: r[c] for c in columns if c != "sps"} for r in rows]))
+    assert logs[0][0] == logs[1][0] and logs[0][0].count("\n") > 5
+    assert logs[0][1] == logs[1][1] and len(logs[0][1]) == 4
+
+
+def test_non_finite_loss_stops_with_a_message_and_keeps_the_logs(tmp_path, monkeypatch):
+    monkeypatch.setattr(jc, "jepa_loss", lambda pred, target: torch.tensor(float("nan")))
+    with pytest.raises(SystemExit) as exit_info:
+        jc.main([*TINY, "--out", str(tmp_path / "run")])
+    assert "non-finite loss" in str(exit_info.value.code)
+    assert (tmp_path / "run" / "episodes.csv").read_text().startswith("step,return,length")
+    assert (tmp_path / "run" / "updates.csv").read_text().startswith(",".join(jc.UPDATE_COLUMNS))
 
 
 # ---------------------------------------------------------------------------------------------- bad input
-@pytest.mark.parametrize("flags, message", [
-    (["--image-height", "20"], "--patch-size"),
+def _parser_types():
+    parser = jc.add_tool_flags(jc.build_parser())
+    return {a.dest: a.type for a in parser._actions if a.type in (int, float)}
+
+
+def test_every_number_flag_has_a_checked_range():
+    assert set(_parser_types()) == set(jc.FLAG_RANGES)
+
+
+def _range_cases():
+    """From jc.FLAG_RANGES: a value below each low bound, above each high bound, and NaN for float flags."""
+    types = _parser_types()
+    cases = []
+    for name, (low, high) in jc.FLAG_RANGES.items():
+        flag = "--" + name.replace("_", "-")
+        step = 1 if types[name] is int else 0.5
+        cases.append(([flag, str(low - step)], flag))
+        if high is not None:
+            cases.append(([flag, str(high + step)], flag))
+        if types[name] is float:
+            cases.append(([flag, "nan"], flag))
+    return cases
+
+
+EXPLICIT_CASES = [
+    (["--patch-size", "0"], "--patch-size"),
+    (["--patch-size", "5"], "--patch-size"),                 # 5 does not divide 16 x 64
+    (["--image-height", "20"], "--patch-size"),              # 8 does not divide 20
+    (["--heads", "0"], "--heads"),
+    (["--heads", "3"], "--heads"),                           # 3 does not divide d = 64
+    (["--learning-rate", "-1"], "--learning-rate"),
+    (["--learning-rate", "0"], "--learning-rate"),
+    (["--num-envs", "0"], "--num-envs"),
+    (["--ema-tau", "1.5"], "--ema-tau"),
+    (["--gamma", "1.5"], "--gamma"),
+    (["--max-grad-norm", "-1"], "--max-grad-norm"),
+    (["--window", "0"], "--window"),
+    (["--predictor-lr-scale", "-1"], "--predictor-lr-scale"),
+    (["--weight-decay", "-1"], "--weight-decay"),
+    (["--image-height", "8"], "--image-height"),             # 8 x 64 crops the upright pole
+    (["--device", "cuda:7"], "--device"),
+    (["--device", "nonsense"], "--device"),
+    (["--num-envs", "4", "--num-steps", "16", "--num-minibatches", "64"], "--num-minibatches"),   # 1 sample each
     (["--num-envs", "3", "--num-steps", "5", "--num-minibatches", "4"], "--num-minibatches"),
-    (["--total-steps", "100"], "--total-steps"),
-])
-def test_bad_input_is_refused_and_writes_nothing(flags, message, tmp_path, capsys):
-    out = tmp_path / "run"
+    (["--total-steps", "10"], "--total-steps"),              # less than one rollout of 16 x 32
+    (["--seed", "nonsense"], "--seed"),
+]
+# Modes write no run folder (an --out beside them is its own error), so these run without --out.
+MODE_CASES = [
+    (["--eval", "{tmp}/missing"], "--eval"),
+    (["--eval", "{tmp}/no-model"], "--eval"),                # has config.json, no model.pt
+    (["--gif", "{tmp}/no-model"], "--gif"),
+    (["--figure3", "--plot"], "--figure3 and --plot"),       # two modes at once
+    (["--plot", "--sweep-dir", "{tmp}/empty-sweep"], "--plot"),
+    (["--eval", "{tmp}/no-model", "--out", "{tmp}/run"], "--eval"),
+]
+
+
+@pytest.mark.parametrize("flags, named", _range_cases() + EXPLICIT_CASES + MODE_CASES,
+                         ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_bad_input_is_refused_naming_the_flag_and_writes_nothing(flags, named, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "no-model").mkdir()
+    (tmp_path / "no-model" / "config.json").write_text("{}")
+    (tmp_path / "empty-sweep").mkdir()
+    before = sorted(tmp_path.rglob("*"))
+    argv = [f.format(tmp=tmp_path) for f in flags]
+    if not any(f in flags for f in ("--eval", "--gif", "--figure3", "--plot")):
+        argv += ["--out", str(tmp_path / "run")]
     with pytest.raises(SystemExit) as exit_info:
-        jc.parse_args([*flags, "--out", str(out)])
-    assert exit_info.value.code == 2 and message in capsys.readouterr().err
-    assert not out.exists()
+        jc.parse_args(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and named in err, err
+    assert "Traceback" not in err
+    assert sorted(tmp_path.rglob("*")) == before                # nothing written: no --out, no runs/, no plots/
 
 
 def test_existing_run_folder_is_not_overwritten(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / "episodes.csv").write_text("precious")
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         jc.parse_args(["--out", str(out)])
+    assert exit_info.value.code == 2
     assert "--out" in capsys.readouterr().err and (out / "episodes.csv").read_text() == "precious"
     assert jc.parse_args(["--out", str(out), "--overwrite"]).out == out
 
 
-def test_non_finite_loss_stops_with_a_message_and_keeps_the_logs(tmp_path, monkeypatch):
-    monkeypatch.setattr(jc, "jepa_loss", lambda pred, target: torch.tensor(float("nan")))
-    args = jc.parse_args([*TINY, "--out", str(tmp_path / "run")])
-    with pytest.raises(SystemExit) as exit_info:
-        jc.train(args)
-    assert "non-finite loss" in str(exit_info.value.code)
-    assert (tmp_path / "run" / "episodes.csv").read_text().startswith("step,return,length")
-    assert (tmp_path / "run" / "updates.csv").read_text().startswith("step,")
+def test_plot_without_finished_runs_leaves_the_plots_byte_identical(tmp_path):
+    plots = tmp_path / "plots"
+    repo_plots = SCRIPT.with_name("plots")
+    if repo_plots.is_dir():
+        shutil.copytree(repo_plots, plots)
+    else:
+        plots.mkdir()
+    (plots / "figure3.png").write_bytes(b"\x89PNG not really")
+    (plots / "figure3_summary.csv").write_text("config,seeds\n1,5\n")
+    before = {p.name: p.read_bytes() for p in plots.iterdir()}
+    (tmp_path / "empty").mkdir()
+    result = run_script("--plot", "--sweep-dir", str(tmp_path / "empty"), "--plots-dir", str(plots), cwd=tmp_path)
+    assert result.returncode == 2 and "--plot" in result.stderr and "Traceback" not in result.stderr
+    assert {p.name: p.read_bytes() for p in plots.iterdir()} == before
 
 
-# ---------------------------------------------------------------------------------------------- beyond the paper
-def test_linear_probe_reads_a_linear_embedding_and_nothing_from_a_constant_one():
-    torch.manual_seed(0)
-    states = torch.from_numpy(random_states(400))
-    mixing = torch.randn(4, D)
-    linear = states @ mixing + 0.01 * torch.randn(400, D)          # s_x = a linear function of the state
-    r2 = jc.linear_probe_r2(linear[:200], states[:200], linear[200:], states[200:])
-    assert (r2 > 0.99).all()
-    constant = torch.ones(400, D)                                  # a collapsed encoder
-    r2 = jc.linear_probe_r2(constant[:200], states[:200], constant[200:], states[200:])
-    assert (r2.abs() < 0.05).all()
+def test_ctrl_c_stops_cleanly_and_leaves_complete_logs(tmp_path):
+    out = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, str(SCRIPT), *TINY, "--total-steps", "50000", "--out", str(out)],
+                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and process.poll() is None:
+            if (out / "updates.csv").is_file() and len((out / "updates.csv").read_text().splitlines()) >= 2:
+                break
+            time.sleep(0.05)
+        assert process.poll() is None, "the run ended before it could be interrupted"
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode != 0
+    assert "Traceback" not in stdout + stderr, stderr
+    assert any(str(out) in line and "interrupted" in line for line in (stdout + stderr).splitlines()), stderr
+    columns, rows = read_rows(out / "updates.csv")
+    assert columns == jc.UPDATE_COLUMNS and len(rows) >= 1
+    _, episodes = read_rows(out / "episodes.csv")
+    for row in rows + episodes:
+        assert None not in row and None not in row.values() and "" not in row.values(), row
 
 
-def test_state_reference_refuses_the_jepa_switches(capsys):
-    for flag in ("--jepa", "--no-rl-grad", "--reg"):
-        with pytest.raises(SystemExit):
-            jc.parse_args(["--obs", "state", flag])
-        assert flag in capsys.readouterr().err
-    args = jc.parse_args(["--obs", "state", "--out", "unused"])
-    assert (args.jepa, args.rl_grad, args.reg) == (False, False, False)
-
-
+# ---------------------------------------------------------------------------------------------- a trained agent
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A tiny run trained in this process, with its networks as they were at the end of training."""
     out = tmp_path_factory.mktemp("tiny") / "run"
-    summary, networks = jc.train(jc.parse_args([*TINY, "--out", str(out)]))
-    return out, networks
+    summary, nets = jc.train(jc.parse_args([*TINY, "--out", str(out)]))
+    return out, nets
 
 
 def test_checkpoint_round_trip_gives_identical_actions(tiny_run):
-    out, (x_encoder, _, _, actor, _) = tiny_run
-    _, (loaded_encoder, _, _, loaded_actor, _) = jc.load_run(out)
-    windows = torch.from_numpy(jc.render_frames(random_states(30), H, W)).view(10, 3, H, W)
+    out, nets = tiny_run
+    run_args, loaded = jc.load_run(out)
+    assert set(loaded) == set(nets) and run_args.depth == 1
+    windows = random_windows(10)
     with torch.no_grad():
-        torch.testing.assert_close(loaded_actor(loaded_encoder(windows)), actor(x_encoder(windows)))
-    assert (jc.greedy_actions(loaded_encoder, loaded_actor, windows)
-            == jc.greedy_actions(x_encoder, actor, windows)).all()
+        torch.testing.assert_close(loaded["actor"](loaded["x_encoder"](windows)),
+                                   nets["actor"](nets["x_encoder"](windows)))
+        torch.testing.assert_close(loaded["y_encoder"](windows), nets["y_encoder"](windows))
+    assert (jc.greedy_actions(loaded["x_encoder"], loaded["actor"], windows)
+            == jc.greedy_actions(nets["x_encoder"], nets["actor"], windows)).all()
 
 
 def test_eval_and_gif_run_on_a_trained_run(tiny_run, tmp_path):
@@ -378,22 +749,46 @@ def test_eval_and_gif_run_on_a_trained_run(tiny_run, tmp_path):
     assert (tmp_path / "plots" / "agent.gif").read_bytes()[:6] == b"GIF89a"
 
 
+# ---------------------------------------------------------------------------------------------- sweeps
 def test_figure3_sweep_is_resumable_and_writes_its_plots(tmp_path):
-    flags = ["--figure3", "--seeds", "1", "--sweep-dir", str(tmp_path / "runs"), "--plots-dir",
-             str(tmp_path / "plots"), *TINY]
+    sweep, plots = tmp_path / "sweep", tmp_path / "plots"
+    flags = ["--figure3", "--seeds", "1", "--sweep-dir", str(sweep), "--plots-dir", str(plots), *TINY]
     first = run_script(*flags, cwd=tmp_path)
     assert first.returncode == 0, first.stderr
+    runs = sweep / "figure3"
+    for name in ("nojepa-rlgrad-noreg", "jepa-rlgrad-noreg", "jepa-norlgrad-noreg", "jepa-norlgrad-reg"):
+        for file in ("updates.csv", "episodes.csv", "config.json", "summary.json", "model.pt"):
+            assert (runs / f"{name}-seed1" / file).is_file(), (name, file)
+    for file in ("episodes.csv", "updates.csv", "config.json", "summary.json"):
+        assert (runs / "state-seed1" / file).is_file(), ("state reference", file)
     for name in ("figure3.png", "figure3_summary.csv", "figure3_curves.csv", "probe.png", "observation.png"):
-        assert (tmp_path / "plots" / name).exists(), name
-    with open(tmp_path / "plots" / "figure3_summary.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert [r["config"] for r in rows] == ["1", "2", "3", "4"]
-    assert {"jepa", "rl_grad", "reg", "seeds", "return_mean", "return_std", "best_return_mean",
-            "final_embedding_var", "collapsed_seeds", "wall_s_per_run"} <= set(rows[0])
-    finished = (tmp_path / "runs" / "jepa-rlgrad-noreg-seed1" / "episodes.csv").read_text()
-    (tmp_path / "runs" / "state-seed1" / "summary.json").unlink()          # as if killed before the end
+        assert (plots / name).exists(), name
+    columns, rows = read_rows(plots / "figure3_summary.csv")
+    assert [r["config"] for r in rows] == ["1", "2", "3", "4", "state"]
+    assert {"config", "seeds", "return_mean", "return_std", "collapsed_seeds", "final_var",
+            "wall_s_per_run"} <= set(columns)
+    kept = (runs / "jepa-rlgrad-noreg-seed1" / "episodes.csv").read_text()
+    redo = runs / "jepa-norlgrad-reg-seed1"
+    redone_before = (redo / "episodes.csv").read_text()
+    (redo / "summary.json").unlink()                                    # as if killed before the end
     again = run_script(*flags, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
-    assert "4/5 runs already finished" in again.stdout                      # only the unfinished run is redone
-    assert (tmp_path / "runs" / "jepa-rlgrad-noreg-seed1" / "episodes.csv").read_text() == finished
-    assert (tmp_path / "runs" / "state-seed1" / "summary.json").exists()
+    assert "4/5 runs already finished" in again.stdout                  # only the unfinished run is redone
+    assert (runs / "jepa-rlgrad-noreg-seed1" / "episodes.csv").read_text() == kept
+    assert (redo / "summary.json").exists()
+    assert (redo / "episodes.csv").read_text() == redone_before         # and redone identically (same seed)
+
+
+def test_collapse_sweep_writes_its_figure_and_one_row_per_arm(tmp_path):
+    plots = tmp_path / "plots"
+    result = run_script("--collapse", "--seeds", "1", "--sweep-dir", str(tmp_path / "sweep"), "--plots-dir",
+                        str(plots), *TINY, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (plots / "collapse.png").is_file()
+    columns, rows = read_rows(plots / "collapse_summary.csv")
+    assert [r["arm"] for r in rows] == list(jc.COLLAPSE_ARMS)
+    assert {"seeds", "collapsed_seeds", "final_var", "final_effective_rank", "probe_r2_theta",
+            "probe_r2_theta_dot", "return_mean"} <= set(columns)
+    assert all(r["seeds"] == "1" for r in rows)
+    config = json.loads((tmp_path / "sweep" / "collapse" / "jepa-norlgrad-noreg-seed1" / "config.json").read_text())
+    assert config["predictor_lr_scale"] == jc.COLLAPSE_SETTING["predictor_lr_scale"]   # the collapse setting
