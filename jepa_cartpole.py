@@ -38,6 +38,9 @@ import copy
 import csv
 import json
 import math
+import multiprocessing
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -551,9 +554,8 @@ def train(args, render=None):
 # linear probe, gymnasium's renderer for checking ours, the state-based PPO reference, the Figure 3 and
 # collapse sweeps with their plots, evaluation and the GIF of a trained agent.
 
-import multiprocessing
-import signal
-import sys
+# ------------------------------------------------------------------------------------------------------
+# 9. The tools' flags, the range check of every flag, and a run's log files
 
 CONFIGURATIONS_HELP = """
 the paper's four configurations (Section 3):
@@ -761,7 +763,7 @@ class RunLog:
 
 
 # ------------------------------------------------------------------------------------------------------
-# 9. What the embedding knows: effective rank and a linear probe of the true state (not in the paper)
+# 10. What the embedding knows: effective rank and a linear probe of the true state (not in the paper)
 STATE_NAMES = ["x", "x_dot", "theta", "theta_dot"]
 
 
@@ -826,7 +828,7 @@ def probe_r2(x_encoder, probe_set, device):
 
 
 # ------------------------------------------------------------------------------------------------------
-# 10. gymnasium's own renderer, to check ours (a test compares them) and to time it
+# 11. gymnasium's own renderer, to check ours (a test compares them) and to time it
 SCREEN_HEIGHT = 400.0
 
 
@@ -882,7 +884,7 @@ def benchmark_renderer(height, width, num_envs, repeats=200):
 
 
 # ------------------------------------------------------------------------------------------------------
-# 11. The state-based reference: PPO on the true 4-number state (not in the paper)
+# 12. The state-based reference: PPO on the true 4-number state (not in the paper)
 # The dashed line of Figure 3: what knowing the true state buys in 100k steps. A separate, well-tuned PPO with
 # its own settings and networks: RL Baselines3 Zoo's tuned CartPole-v1 PPO (hyperparams/ppo.yml), which reaches
 # 500 within 1e5 steps. It reuses Part 1's GAE and PPO losses; nothing of it shapes the pixel agent.
@@ -982,7 +984,7 @@ def train_state_reference(seed, total_steps, out, threads=1):
 
 
 # ------------------------------------------------------------------------------------------------------
-# 12. Sweeps: Figure 3 (paper Section 3) and the collapse demonstration
+# 13. Sweeps: Figure 3 (paper Section 3) and the collapse demonstration
 FIGURE3_CONFIGS = {  # paper number: (jepa, rl_grad, reg, label)
     1: (False, True, False, "1: no JEPA, RL gradients (baseline)"),
     2: (True, True, False, "2: JEPA + RL gradients"),
@@ -1091,7 +1093,7 @@ def run_sweep(args, kind):
 
 
 # ------------------------------------------------------------------------------------------------------
-# 13. Plots: Figure 3, the collapse figure, a figure for every run
+# 14. Plots: Figure 3, the collapse figure, a figure for every run
 
 
 def running_average_curve(episodes, grid, window):
@@ -1317,7 +1319,7 @@ def plot_observation(args, plt):
 
 
 # ------------------------------------------------------------------------------------------------------
-# 14. Using a trained agent: load, evaluate, animate
+# 15. Using a trained agent: load, evaluate, animate
 
 
 def load_run(run_dir, device="cpu"):
