@@ -290,7 +290,7 @@ class Predictor(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------------
-# 6. Losses and the collapse indicators (paper Section 2, Eq. 1-2; Eq. 3 is written in the training step)
+# 6. Losses and the collapse indicator (paper Section 2, Eq. 1-2; Eq. 3 is written in the training step)
 
 
 def jepa_loss(s_y_pred, s_y):
@@ -310,9 +310,6 @@ def variance_regulariser(s_x):
     # Eq. 2: L_reg = - min(1, (1/d) * sum_i Var_batch(s_x)_i). Minimising it rewards spread across the batch,
     # the opposite of collapse. Clamped at 1 because variance is unbounded: past 1 it stops pushing.
     return -torch.clamp(embedding_variance(s_x), max=1.0)
-
-
-COLLAPSE_THRESHOLD = 1e-7
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -712,6 +709,8 @@ def parse_args(argv=None):
 def run_name(jepa, rl_grad, reg):
     return f"{'jepa' if jepa else 'nojepa'}-{'rlgrad' if rl_grad else 'norlgrad'}-{'reg' if reg else 'noreg'}"
 
+
+COLLAPSE_THRESHOLD = 1e-7   # the paper's: a mean batch-wise variance of s_x below it means collapse
 
 # Every logged number, in the order of the columns of updates.csv: the training step's, then train()'s.
 UPDATE_COLUMNS = ["step", "mean_return", "loss", "jepa_loss", "reg_loss", "policy_loss", "value_loss", "entropy",
