@@ -532,7 +532,7 @@ def train(args, render=None):
         mean_return = float(np.mean(recent_returns[-args.window:])) if recent_returns else float("nan")
         row.update(step=global_step, mean_return=mean_return, learning_rate=optimizer.param_groups[0]["lr"],
                    sps=global_step / (time.time() - start),
-                   **embedding_diagnostics(x_encoder, rollout_s_x, probe_set, device))
+                   **embedding_diagnostics(x_encoder, rollout_s_x, probe_set, device, update, num_updates))
         log.update(row, num_updates * batch_size)   # also the console line, and a warning if s_x has collapsed
 
     envs.close()
@@ -724,7 +724,7 @@ class RunLog:
     summary.json. Also the console line per update and the collapse warning."""
 
     def __init__(self, args):
-        self.out, self.window = args.out, args.window
+        self.out, self.window, self.probe_theta = args.out, args.window, float("nan")
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "config.json").write_text(json.dumps({k: str(v) if isinstance(v, Path) else v
                                                           for k, v in vars(args).items()}, indent=2))
@@ -744,9 +744,11 @@ class RunLog:
     def update(self, row, total_steps):
         self.updates.writerow(row)
         self.updates_file.flush()
+        if math.isfinite(row["probe_r2_theta"]):                    # the console shows the latest probe
+            self.probe_theta = row["probe_r2_theta"]
         print(f"step {row['step']:>7}/{total_steps} | sps {row['sps']:4.0f} | return(last {self.window}) "
               f"{row['mean_return']:5.1f} | embedding var {row['embedding_var']:.1e} | eff. rank "
-              f"{row['effective_rank']:4.1f} | probe R2 theta {row['probe_r2_theta']:5.2f} | jepa {row['jepa_loss']:.3f}",
+              f"{row['effective_rank']:4.1f} | probe R2 theta {self.probe_theta:5.2f} | jepa {row['jepa_loss']:.3f}",
               flush=True)
         if row["embedding_var"] < COLLAPSE_THRESHOLD:
             print(f"warning: embedding variance {row['embedding_var']:.1e} < {COLLAPSE_THRESHOLD:g}: "
@@ -774,13 +776,19 @@ def effective_rank(s):
     return torch.exp(-(p * torch.log(p.clamp_min(1e-30))).sum())
 
 
-def embedding_diagnostics(x_encoder, rollout_s_x, probe_set, device):
+PROBE_EVERY = 4   # updates between two probes (and the last update): encoding the probe set costs ~1 rollout
+
+
+def embedding_diagnostics(x_encoder, rollout_s_x, probe_set, device, update, num_updates):
     """The collapse indicators beyond the paper's variance: the effective rank of the rollout's s_x (T, N, D),
-    and the held-out R^2 of a linear probe of each state variable on the fixed probe set."""
-    return {"effective_rank": effective_rank(rollout_s_x.flatten(0, 1)).item(), **probe_r2(x_encoder, probe_set, device)}
+    every update, and the held-out R^2 of a linear probe of each state variable on the fixed probe set, every
+    PROBE_EVERY updates and at the last (NaN in between)."""
+    probe = (probe_r2(x_encoder, probe_set, device) if update % PROBE_EVERY == 0 or update == num_updates
+             else {f"probe_r2_{name}": float("nan") for name in STATE_NAMES})
+    return {"effective_rank": effective_rank(rollout_s_x.flatten(0, 1)).item(), **probe}
 
 
-def make_probe_set(seed, height, width, size=512):
+def make_probe_set(seed, height, width, size=2048):
     """A fixed set of windows [f(t-2), f(t-1), f(t)] and the true state at f(t), made once per run from the seed.
 
     Start states cover the range an episode can visit (not only where a random policy goes); two random pushes
@@ -802,7 +810,7 @@ def make_probe_set(seed, height, width, size=512):
     return torch.from_numpy(windows), torch.tensor(trajectory[-1], dtype=torch.float32)  # (size, 3, H, W), (size, 4)
 
 
-def linear_probe_r2(fit_s, fit_state, test_s, test_state, ridge=1e-3):
+def linear_probe_r2(fit_s, fit_state, test_s, test_state, ridge=1e-2):
     """Held-out R^2 of a ridge regression s -> true state, per state variable.
 
     The ridge is absolute (in units of embedding variance): an embedding whose spread has shrunk far below it,
@@ -1122,8 +1130,10 @@ def load_runs(run_dirs, grid, window):
         runs["wall_s"].append(json.loads((run / "summary.json").read_text())["wall_s"])
         updates = read_csv(run / "updates.csv")
         for column in UPDATE_COLUMNS[2:-2]:
-            if column in updates:
-                runs.setdefault(column, []).append(np.interp(grid, updates["step"], updates[column]))
+            if column in updates:                      # the probe's columns are empty between probes: skipped
+                known = np.isfinite(updates[column])
+                runs.setdefault(column, []).append(np.interp(grid, updates["step"][known], updates[column][known])
+                                                   if known.any() else np.full(len(grid), np.nan))
     return {k: np.array(v) for k, v in runs.items()}
 
 
