@@ -377,12 +377,13 @@ def make_networks(args, num_actions):
 
 def make_optimizer(nets, args):
     # The y-encoder is deliberately absent: it learns only through the EMA. AdamW with weight decay 0 is Adam.
+    # fused=True: speed, same result (one kernel for all tensors; ~4x faster steps on a CPU, a test compares).
     return torch.optim.AdamW(
         [{"params": [p for k in ("x_encoder", "actor", "critic") for p in nets[k].parameters()],
           "lr": args.learning_rate, "base_lr": args.learning_rate},
          {"params": nets["predictor"].parameters(), "lr": args.learning_rate * args.predictor_lr_scale,
           "base_lr": args.learning_rate * args.predictor_lr_scale}],
-        eps=1e-5, weight_decay=args.weight_decay)
+        eps=1e-5, weight_decay=args.weight_decay, fused=True)
 
 
 def training_step(nets, optimizer, mb, args):
@@ -738,11 +739,11 @@ class RunLog:
         self.updates_file.flush()
 
     def episode(self, step, episode_return, length):
-        self.episodes.writerow([step, episode_return, length])
-        self.episodes_file.flush()
+        self.episodes.writerow([step, episode_return, length])      # flushed with the next update's row
 
     def update(self, row, total_steps):
         self.updates.writerow(row)
+        self.episodes_file.flush()
         self.updates_file.flush()
         if math.isfinite(row["probe_r2_theta"]):                    # the console shows the latest probe
             self.probe_theta = row["probe_r2_theta"]
@@ -827,8 +828,8 @@ def linear_probe_r2(fit_s, fit_state, test_s, test_state, ridge=1e-2):
 def probe_r2(x_encoder, probe_set, device):
     """{probe_r2_<variable>: held-out R^2} of the x-encoder on the fixed probe set."""
     windows, states = probe_set
-    with torch.inference_mode():
-        s = x_encoder(windows.to(device)).cpu().double()                        # (size, D)
+    with torch.inference_mode():                            # in chunks: less memory, and faster on a CPU
+        s = torch.cat([x_encoder(chunk.to(device)).cpu() for chunk in windows.split(256)]).double()   # (size, D)
     half = len(s) // 2
     r2 = linear_probe_r2(s[:half], states[:half].double(), s[half:], states[half:].double())
     return {f"probe_r2_{name}": value for name, value in zip(STATE_NAMES, r2.tolist())}

@@ -256,6 +256,33 @@ def test_y_encoder_is_not_in_the_optimiser_and_everything_else_is():
                                                                   "critic"}
 
 
+def test_fused_adamw_is_speed_with_the_same_result():
+    """make_optimizer asks for the fused AdamW (one kernel for all tensors). Five steps on the same gradients move
+    the weights exactly as the plain per-tensor loop does, up to float rounding."""
+    args = tiny_args("--weight-decay", "0.01", "--predictor-lr-scale", "0.5")
+    nets, fused = networks(args)
+    plain_nets = copy.deepcopy(nets)
+    plain = torch.optim.AdamW([{**{k: v for k, v in group.items() if k not in ("params", "fused")},
+                                "params": list(plain_params)}
+                               for group, plain_params in zip(fused.param_groups, (
+                                   [p for k in ("x_encoder", "actor", "critic") for p in plain_nets[k].parameters()],
+                                   plain_nets["predictor"].parameters()))], fused=False)
+    assert fused.defaults["fused"] and not plain.defaults["fused"]
+    initial = weights(nets["x_encoder"])
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        for group_fused, group_plain in zip(fused.param_groups, plain.param_groups):
+            for p_fused, p_plain in zip(group_fused["params"], group_plain["params"]):
+                p_fused.grad = torch.randn(p_fused.shape, generator=g)
+                p_plain.grad = p_fused.grad.clone()
+        fused.step()
+        plain.step()
+    for k in ("x_encoder", "predictor", "actor", "critic"):
+        for a, b in zip(nets[k].parameters(), plain_nets[k].parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not same_weights(initial, nets["x_encoder"].parameters())          # the steps really moved them
+
+
 def test_ema_with_tau_0_copies_and_with_tau_1_freezes():
     x_enc = small_encoder()
     y_enc = jc.make_y_encoder(x_enc)
