@@ -777,7 +777,7 @@ def effective_rank(s):
     return torch.exp(-(p * torch.log(p.clamp_min(1e-30))).sum())
 
 
-PROBE_EVERY = 4   # updates between two probes (and the last update): encoding the probe set costs ~1 rollout
+PROBE_EVERY = 8   # updates between two probes (and the last one): encoding 2048 windows costs about 4 rollouts
 
 
 def embedding_diagnostics(x_encoder, rollout_s_x, probe_set, device, update, num_updates):
