@@ -566,7 +566,7 @@ the paper's four configurations (Section 3):
 
 # The collapse demonstration's setting: choices the paper leaves open, never what it fixes (README: "When does
 # JEPA collapse?" has the runs that chose it). Applied on top of the command's flags by --collapse.
-COLLAPSE_SETTING = {"predictor_lr_scale": 0.1}
+COLLAPSE_SETTING = {"predictor_lr_scale": 0.1, "weight_decay": 0.05}
 COLLAPSE_ARMS = {  # name: (jepa, rl_grad, reg)
     "JEPA only": (True, False, False),
     "JEPA + RL gradients": (True, True, False),
