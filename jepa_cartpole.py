@@ -26,7 +26,6 @@ The paper's four configurations (Section 3, Figure 3):
     python jepa_cartpole.py --jepa    --rl-grad    --no-reg   # 2: JEPA + RL gradients (the paper's best)
     python jepa_cartpole.py --jepa    --no-rl-grad --no-reg   # 3: JEPA only (the paper: collapses)
     python jepa_cartpole.py --jepa    --no-rl-grad --reg      # 4: JEPA + regulariser (the paper: no collapse)
-    python jepa_cartpole.py --jepa    --rl-grad    --reg      # the README's set-up command
 
 Part 1, the method, follows the paper: settings, pixel Cart Pole, x-encoder, y-encoder, predictor, losses, PPO,
 training loop. Part 2 (skip it on a first reading): --figure3, --collapse, --plot, --eval, --gif, and more.
@@ -69,7 +68,7 @@ def build_parser():
     p.add_argument("--rl-grad", action=on_off, default=True,
                    help="let the actor and critic gradients flow into the x-encoder (--no-rl-grad detaches s_x)")
     p.add_argument("--reg", action=on_off, default=False, help="add the variance regulariser of Eq. 2")
-    # --- the run (Part 2 adds where it runs and writes: --device, --threads, --out, --overwrite, --window)
+    # --- the run (Part 2 adds --device, --threads, --out, --overwrite and --window)
     p.add_argument("--seed", type=int, default=1, help="seeds torch, numpy and the environments")
     p.add_argument("--total-steps", type=int, default=100_000, help="environment steps over all envs (paper: 100k)")
     p.add_argument("--num-envs", type=int, default=16, help="parallel Cart Poles: bigger, cheaper network batches")
@@ -82,7 +81,7 @@ def build_parser():
     p.add_argument("--heads", type=int, default=4, help="attention heads per block")
     p.add_argument("--mlp-ratio", type=int, default=2, help="hidden width of the block MLP, in units of d")
     p.add_argument("--final-norm", action=on_off, default=True, help="LayerNorm on the CLS output, as in a "
-                   "standard ViT (the paper does not say); without it configuration 2 learned far slower for us")
+                   "standard ViT (the paper does not say); without it configuration 2 learned slower in a tuning run")
     # --- JEPA (the paper fixes tau = 0.99 and the unweighted sum of Eq. 3; Part 2 adds the collapse levers
     #     --predictor-lr-scale, --weight-decay and --fresh-targets, whose defaults change nothing)
     p.add_argument("--predictor-hidden", type=int, default=128, help="hidden width of the two-layer predictor")
@@ -91,13 +90,13 @@ def build_parser():
     p.add_argument("--jepa-coef", type=float, default=1.0, help="weight of Eq. 1 in Eq. 3 (paper: 1)")
     p.add_argument("--reg-coef", type=float, default=1.0, help="weight of Eq. 2 in Eq. 3 (paper: 1)")
     # --- PPO: CleanRL's Cart Pole settings except where noted. gamma, lambda, entropy and lr were tuned on seeds
-    #     101-103 (not Figure 3's): configuration 2's mean return at 100k went from 135 to 362 there.
+    #     101-103 (not Figure 3's): configuration 2's mean return at 100k went from 135 (previous version) to 362.
     p.add_argument("--num-steps", type=int, default=32, help="rollout length per env between updates")
     p.add_argument("--num-minibatches", type=int, default=8,
-                   help="minibatches per epoch; 8 (of 64) gives the ViT twice CleanRL's optimiser steps")
+                   help="minibatches per epoch; 8 minibatches of 64 give the ViT twice CleanRL's optimiser steps")
     p.add_argument("--update-epochs", type=int, default=4, help="passes over each rollout")
     p.add_argument("--learning-rate", type=float, default=1e-3,
-                   help="Adam learning rate, annealed linearly to 0; CleanRL's 2.5e-4 is too slow for the ViT")
+                   help="AdamW learning rate (the predictor's: x --predictor-lr-scale); CleanRL's 2.5e-4 was too slow")
     p.add_argument("--anneal-lr", action=on_off, default=True, help="decay the learning rate linearly to 0")
     p.add_argument("--gamma", type=float, default=0.98, help="discount factor (RL Zoo's for Cart Pole)")
     p.add_argument("--gae-lambda", type=float, default=0.8, help="lambda of the advantage estimate (RL Zoo's)")
@@ -106,7 +105,7 @@ def build_parser():
     p.add_argument("--vf-coef", type=float, default=0.5, help="value loss weight (no value clipping)")
     p.add_argument("--max-grad-norm", type=float, default=5.0,
                    help="gradient clipping over all trained networks; not CleanRL's 0.5: the JEPA loss brings "
-                        "gradient norms of ~100 early on, and 0.5 learned far slower")
+                        "gradient norms of ~100 early on, and 0.5 learned slower in our round-1 tuning (README)")
     return p   # Part 2 adds the flags of the experiments and tools, and checks every value's range
 
 
@@ -219,8 +218,7 @@ class ViTEncoder(nn.Module):
 
     def __init__(self, image_height, image_width, patch_size, dim, depth, heads, mlp_ratio, final_norm=True):
         super().__init__()
-        self.patch_size = patch_size
-        self.rows, self.cols = image_height // patch_size, image_width // patch_size
+        self.patch_size, self.rows, self.cols = patch_size, image_height // patch_size, image_width // patch_size
         # Patch embedding as in the ViT paper: flatten each p x p patch, one linear map shared by all patches.
         self.patch_embed = nn.Linear(patch_size * patch_size, dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -377,7 +375,7 @@ def make_networks(args, num_actions):
 
 def make_optimizer(nets, args):
     # The y-encoder is deliberately absent: it learns only through the EMA. AdamW with weight decay 0 is Adam.
-    # fused=True: speed, same result (one kernel for all tensors; ~4x faster steps on a CPU, a test compares).
+    # fused=True: speed, same result (one kernel for all tensors: ~4x faster steps on a CPU; a test compares).
     return torch.optim.AdamW(
         [{"params": [p for k in ("x_encoder", "actor", "critic") for p in nets[k].parameters()],
           "lr": args.learning_rate, "base_lr": args.learning_rate},
@@ -407,8 +405,8 @@ def training_step(nets, optimizer, mb, args):
     # 4. The variance regulariser (Eq. 2) on this minibatch's s_x.
     l_reg = variance_regulariser(s_x)
 
-    # 5. Eq. 3: L = L_actor + L_critic + L_jepa (+ L_reg), with
-    #    L_actor = L_policy - ent_coef * entropy and L_critic = vf_coef * L_value (CleanRL's weights).
+    # 5. Eq. 3: L = L_actor + L_critic + jepa_coef * L_jepa (+ reg_coef * L_reg), both coefficients 1 by default,
+    #    with L_actor = L_policy - ent_coef * entropy and L_critic = vf_coef * L_value (CleanRL's weights).
     loss = policy_loss - args.ent_coef * entropy + args.vf_coef * value_loss
     if args.jepa:   # SWITCH --jepa: the only path from Eq. 1 into the x-encoder and the predictor
         loss = loss + args.jepa_coef * l_jepa
@@ -504,9 +502,10 @@ def train(args, render=None):
         tick = time.perf_counter()
         with torch.inference_mode():
             values[T] = critic(x_encoder(windows[T].to(device))).squeeze(-1).cpu()   # bootstrap value
-            # Speed: s_y = y-encoder(windows[t+1]) once per rollout, by the y-encoder as the update begins (the EMA
-            # still runs after every optimiser step; these targets see it from the next rollout on). --fresh-targets
-            # recomputes them for every minibatch instead, which makes a default run ~25% slower.
+            # Speed, NOT the same result: s_y = y-encoder(windows[t+1]) once per rollout, by the y-encoder as the
+            # update begins. The EMA still runs after every step, but these targets lag it by up to 31 steps (the
+            # y-encoder moves ~27% of the way to the x-encoder in an update). --fresh-targets: per minibatch, ~25%
+            # slower. Without the lag, a slow predictor did not collapse JEPA-only runs (README: collapse).
             s_y = (torch.cat([y_encoder(w.to(device)) for w in windows[1:].flatten(0, 1).split(256)])
                    if args.jepa else torch.zeros(batch_size, D))                             # (B, D)
         advantages, returns = compute_gae(rewards, values, terminated, episode_end, args.gamma, args.gae_lambda)
@@ -558,14 +557,14 @@ def train(args, render=None):
 CONFIGURATIONS_HELP = """
 the paper's four configurations (Section 3):
   1  --no-jepa --rl-grad    --no-reg   baseline: encoder trained by the actor/critic losses only
-  2  --jepa    --rl-grad    --no-reg   JEPA + RL gradients: the paper's best, and ours
-  3  --jepa    --no-rl-grad --no-reg   JEPA only: the paper reports collapse; at these defaults none of our runs
-                                       collapsed (README: "When does JEPA collapse?", and --collapse)
+  2  --jepa    --rl-grad    --no-reg   JEPA + RL gradients: the paper's best
+  3  --jepa    --no-rl-grad --no-reg   JEPA only: the paper reports collapse; what our runs show is in the README
+                                       ("When does JEPA collapse?") and in --collapse
   4  --jepa    --no-rl-grad --reg      JEPA + variance regulariser
 """
 
 # The collapse demonstration's setting: choices the paper leaves open, never what it fixes (README: "When does
-# JEPA collapse?" has the runs that chose it). Applied on top of the command's flags by --collapse.
+# JEPA collapse?" has the runs that chose it). Applied to the collapse sweep's runs by --collapse.
 COLLAPSE_SETTING = {"predictor_lr_scale": 0.1, "weight_decay": 0.05}
 COLLAPSE_ARMS = {  # name: (jepa, rl_grad, reg)
     "JEPA only": (True, False, False),
@@ -603,7 +602,7 @@ def add_tool_flags(p):
     tools.add_argument("--eval", type=Path, metavar="RUN_DIR",
                        help="load RUN_DIR/model.pt, play --eval-episodes episodes greedily, report mean +- std")
     tools.add_argument("--gif", type=Path, metavar="RUN_DIR",
-                       help="write <plots-dir>/agent.gif: one greedy episode of RUN_DIR's agent, the full scene "
+                       help="write RUN_DIR/agent.gif: one greedy episode of RUN_DIR's agent, the full scene "
                             "beside the three frames its encoder receives")
     tools.add_argument("--benchmark-renderer", action="store_true",
                        help="time render_frames against gymnasium's own render (+ crop, downsample), then exit")
@@ -662,7 +661,9 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     for name, (low, high) in FLAG_RANGES.items():
         value = getattr(args, name)
-        if not (low <= value if high is None else low <= value <= high):      # NaN fails both
+        if not math.isfinite(value):
+            parser.error(f"--{name.replace('_', '-')} {value}: must be a finite number")
+        if not (low <= value if high is None else low <= value <= high):
             bound = f"at least {low}" if high is None else f"in [{low}, {high}]"
             parser.error(f"--{name.replace('_', '-')} {value}: must be {bound}")
     if args.image_height % args.patch_size or args.image_width % args.patch_size:
@@ -695,14 +696,26 @@ def parse_args(argv=None):
     if args.plot and not any(finished_runs(args.sweep_dir / sweep) for sweep in ("figure3", "collapse")):
         parser.error(f"--plot: no finished run in {args.sweep_dir}/figure3 or {args.sweep_dir}/collapse; run "
                      f"--figure3 or --collapse first ({args.plots_dir} is left as it is)")
-    if args.collapse:
-        vars(args).update(COLLAPSE_SETTING)
+    given = [f"--{k.replace('_', '-')}" for k in COLLAPSE_SETTING if getattr(args, k) != parser.get_default(k)]
+    if args.collapse and given:
+        parser.error(f"{' '.join(given)}: --collapse sets {COLLAPSE_SETTING} itself")
+    for name in ("sweep_dir", "plots_dir"):
+        path = getattr(args, name)
+        if path.exists() and not path.is_dir():
+            parser.error(f"--{name.replace('_', '-')} {path}: is a file, not a folder")
+    if args.renderer == "gymnasium":
+        try:
+            import pygame  # noqa: F401  (gymnasium's renderer draws with it)
+        except ImportError:
+            parser.error("--renderer gymnasium needs pygame: pip install -r requirements.txt")
     if modes and args.out is not None and not args.state_reference:
         parser.error(f"--out: {modes[0]} does not write a run folder (sweeps use --sweep-dir)")
     if not modes or args.state_reference:
         args.out = args.out or Path("runs") / (f"state-seed{args.seed}" if args.state_reference
                                                else f"{run_name(args.jepa, args.rl_grad, args.reg)}-seed{args.seed}")
-        if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())) and not args.overwrite:
+        if args.out.exists() and not args.out.is_dir():
+            parser.error(f"--out {args.out}: is a file, not a folder")
+        if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
             parser.error(f"--out {args.out} exists and is not empty; pick another --out or pass --overwrite")
     return args
 
@@ -727,6 +740,8 @@ class RunLog:
     def __init__(self, args):
         self.out, self.window, self.probe_theta = args.out, args.window, float("nan")
         args.out.mkdir(parents=True, exist_ok=True)
+        for stale in ("summary.json", "model.pt", "training.png"):   # --overwrite: never a finished-looking mix
+            (args.out / stale).unlink(missing_ok=True)
         (args.out / "config.json").write_text(json.dumps({k: str(v) if isinstance(v, Path) else v
                                                           for k, v in vars(args).items()}, indent=2))
         self.episodes_file = open(args.out / "episodes.csv", "w", newline="")
@@ -894,8 +909,9 @@ def benchmark_renderer(height, width, num_envs, repeats=200):
 # ------------------------------------------------------------------------------------------------------
 # 12. The state-based reference: PPO on the true 4-number state (not in the paper)
 # The dashed line of Figure 3: what knowing the true state buys in 100k steps. A separate, well-tuned PPO with
-# its own settings and networks: RL Baselines3 Zoo's tuned CartPole-v1 PPO (hyperparams/ppo.yml), which reaches
-# 500 within 1e5 steps. It reuses Part 1's GAE and PPO losses; nothing of it shapes the pixel agent.
+# its own settings and networks: RL Baselines3 Zoo's tuned CartPole-v1 PPO (hyperparams/ppo.yml), which RL Zoo
+# reports reaching 500 within 1e5 steps (ours: README). It reuses Part 1's GAE and PPO losses; nothing of it
+# shapes the pixel agent.
 STATE_REFERENCE = dict(num_envs=8, num_steps=32,        # 256 transitions per rollout
                        update_epochs=20,                 # 20 passes over ONE minibatch: the whole rollout
                        gamma=0.98, gae_lambda=0.8, ent_coef=0.0,
@@ -922,6 +938,7 @@ def train_state_reference(seed, total_steps, out, threads=1):
     torch.manual_seed(seed)
     np.random.seed(seed)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").unlink(missing_ok=True)
     (out / "config.json").write_text(json.dumps(vars(cfg), indent=2))
     episodes_file, updates_file = open(out / "episodes.csv", "w", newline=""), open(out / "updates.csv", "w", newline="")
     episodes_log, updates_log = csv.writer(episodes_file), csv.writer(updates_file)
@@ -1025,7 +1042,8 @@ def sweep_jobs(args, kind):
     """{group: [run Namespace per seed]}: Figure 3's configurations (and the state reference), or collapse arms."""
     groups = ({c: (j, g, r) for c, (j, g, r, _) in FIGURE3_CONFIGS.items()} if kind == "figure3"
               else dict(COLLAPSE_ARMS))
-    jobs = {group: [argparse.Namespace(**{**vars(args), "jepa": j, "rl_grad": g, "reg": r, "seed": seed,
+    setting = COLLAPSE_SETTING if kind == "collapse" else {}
+    jobs = {group: [argparse.Namespace(**{**vars(args), **setting, "jepa": j, "rl_grad": g, "reg": r, "seed": seed,
                                           "threads": 1, "state_reference": False, "figure3": False, "collapse": False,
                                           "out": args.sweep_dir / kind / f"{run_name(j, g, r)}-seed{seed}"})
                     for seed in range(1, args.seeds + 1)] for group, (j, g, r) in groups.items()}
@@ -1038,7 +1056,6 @@ def sweep_jobs(args, kind):
 
 def _sweep_worker(run_args):
     """One run of a sweep, in its own process; its console lines go to console.log in its folder."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)       # Ctrl-C is the parent's to handle
     torch.set_num_threads(1)
     run_args.out.mkdir(parents=True, exist_ok=True)
     with open(run_args.out / "console.log", "w") as console:
@@ -1071,7 +1088,9 @@ def run_sweep(args, kind):
     print(f"{kind}: {total - len(jobs)}/{total} runs already finished in {args.sweep_dir / kind}; running "
           f"{len(jobs)} with {args.workers} workers (progress: console.log in each run folder)")
     start = time.time()
-    pool = multiprocessing.get_context("spawn").Pool(args.workers, maxtasksperchild=1)
+    pool = multiprocessing.get_context("spawn").Pool(       # workers ignore Ctrl-C: it is the parent's to handle
+        args.workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN), maxtasksperchild=1)
+    failed = []
     try:
         pending = [pool.apply_async(_sweep_worker, (job,)) for job in jobs]
         last_print = 0.0
@@ -1089,15 +1108,21 @@ def run_sweep(args, kind):
                 break
             time.sleep(1)
         print()
-        for p in pending:
-            p.get()                                        # re-raise a failed run's error here
+        for p, job in zip(pending, jobs):
+            try:
+                p.get()
+            except Exception as error:                     # one failed run does not stop the others
+                failed.append(f"{job.out}: {error!r}")
     finally:
         pool.terminate()                                   # on Ctrl-C: unfinished runs are redone next time
+        pool.join()
     (args.sweep_dir / kind).mkdir(parents=True, exist_ok=True)
     (args.sweep_dir / kind / "sweep.json").write_text(json.dumps(
         {"runs": len(jobs), "wall_s": time.time() - start, "steps": len(jobs) * steps_per_run,
          "aggregate_sps": len(jobs) * steps_per_run / (time.time() - start), "workers": args.workers}, indent=2))
     plot(args)
+    if failed:
+        sys.exit(f"error: {len(failed)} run(s) failed; the others are kept:\n" + "\n".join(failed))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -1133,8 +1158,8 @@ def load_runs(run_dirs, grid, window):
         for column in UPDATE_COLUMNS[2:-2]:
             if column in updates:                      # the probe's columns are empty between probes: skipped
                 known = np.isfinite(updates[column])
-                runs.setdefault(column, []).append(np.interp(grid, updates["step"][known], updates[column][known])
-                                                   if known.any() else np.full(len(grid), np.nan))
+                runs.setdefault(column, []).append(np.interp(grid, updates["step"][known], updates[column][known],
+                                                             left=np.nan) if known.any() else np.full(len(grid), np.nan))
     return {k: np.array(v) for k, v in runs.items()}
 
 
@@ -1142,21 +1167,23 @@ def load_sweep(args, kind, grid):
     sweep = {}
     for group, jobs in sweep_jobs(args, kind).items():
         finished = [job.out for job in jobs if (job.out / "summary.json").exists()]
-        for run in finished:
-            check_same_settings(run, args)
+        for job in jobs:
+            if (job.out / "summary.json").exists():
+                check_same_settings(job.out, job)
         if finished:
             sweep[group] = load_runs(finished, grid, args.window)
     return sweep
 
 
 def write_csv(path, rows):
+    columns = list(dict.fromkeys(k for row in rows for k in row))     # the state reference has fewer columns
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-    print("| " + " | ".join(rows[0]) + " |\n|" + " --- |" * len(rows[0]))
+    print("| " + " | ".join(columns) + " |\n|" + " --- |" * len(columns))
     for row in rows:
-        print("| " + " | ".join(str(v) for v in row.values()) + " |")
+        print("| " + " | ".join(str(row.get(k, "")) for k in columns) + " |")
 
 
 def summary_row(runs):
@@ -1408,10 +1435,9 @@ def make_gif(args):
             frame_images[k].set_data(windows[i][k])
         title.set_text(f"{args.gif.name}: step {i + 1} of {len(scenes)} (episode return {episode_return:.0f})")
         return [scene_image, *frame_images, title]
-    args.plots_dir.mkdir(parents=True, exist_ok=True)
-    FuncAnimation(fig, draw, frames=frames).save(args.plots_dir / "agent.gif", writer=PillowWriter(fps=25), dpi=72)
+    FuncAnimation(fig, draw, frames=frames).save(args.gif / "agent.gif", writer=PillowWriter(fps=25), dpi=72)
     plt.close(fig)
-    print(f"wrote {args.plots_dir / 'agent.gif'}: {len(scenes)} steps, return {episode_return:.0f}")
+    print(f"wrote {args.gif / 'agent.gif'}: {len(scenes)} steps, return {episode_return:.0f}")
 
 
 def main(argv=None):
@@ -1433,9 +1459,10 @@ def main(argv=None):
             train(args, GymnasiumRenderer(args.image_height, args.image_width) if args.renderer == "gymnasium" else None)
             print(f"figure of this run: {plot_training(args.out)}")
     except KeyboardInterrupt:
-        where = args.out or args.sweep_dir
-        sys.exit(f"\ninterrupted: the logs so far are in {where}" + (" (a sweep redoes unfinished runs when started "
-                                                                      "again)" if args.figure3 or args.collapse else ""))
+        if args.figure3 or args.collapse:
+            where = args.sweep_dir / ("figure3" if args.figure3 else "collapse")
+            sys.exit(f"\ninterrupted: finished runs are kept in {where}; unfinished ones are redone when started again")
+        sys.exit(f"\ninterrupted: the logs so far are in {args.out}" if args.out else "\ninterrupted")
     except FloatingPointError as error:
         sys.exit(f"error: {error}; the logs so far are in {args.out}")
 

@@ -628,7 +628,7 @@ def test_every_number_flag_has_a_checked_range():
 
 
 def _range_cases():
-    """From jc.FLAG_RANGES: a value below each low bound, above each high bound, and NaN for float flags."""
+    """From jc.FLAG_RANGES: a value below each low bound, above each high bound, NaN and inf for float flags."""
     types = _parser_types()
     cases = []
     for name, (low, high) in jc.FLAG_RANGES.items():
@@ -638,7 +638,7 @@ def _range_cases():
         if high is not None:
             cases.append(([flag, str(high + step)], flag))
         if types[name] is float:
-            cases.append(([flag, "nan"], flag))
+            cases += [([flag, "nan"], flag), ([flag, "inf"], flag)]
     return cases
 
 
@@ -673,6 +673,9 @@ MODE_CASES = [
     (["--figure3", "--plot"], "--figure3 and --plot"),       # two modes at once
     (["--plot", "--sweep-dir", "{tmp}/empty-sweep"], "--plot"),
     (["--eval", "{tmp}/no-model", "--out", "{tmp}/run"], "--eval"),
+    (["--collapse", "--weight-decay", "0.1"], "--weight-decay"),   # --collapse sets its own setting
+    (["--plot", "--plots-dir", "{tmp}/a-file"], "--plots-dir"),
+    (["--figure3", "--sweep-dir", "{tmp}/a-file"], "--sweep-dir"),
 ]
 
 
@@ -683,9 +686,10 @@ def test_bad_input_is_refused_naming_the_flag_and_writes_nothing(flags, named, t
     (tmp_path / "no-model").mkdir()
     (tmp_path / "no-model" / "config.json").write_text("{}")
     (tmp_path / "empty-sweep").mkdir()
+    (tmp_path / "a-file").write_text("not a folder")
     before = sorted(tmp_path.rglob("*"))
     argv = [f.format(tmp=tmp_path) for f in flags]
-    if not any(f in flags for f in ("--eval", "--gif", "--figure3", "--plot")):
+    if not any(f in flags for f in ("--eval", "--gif", "--figure3", "--plot", "--collapse")):
         argv += ["--out", str(tmp_path / "run")]
     with pytest.raises(SystemExit) as exit_info:
         jc.parse_args(argv)
@@ -774,9 +778,9 @@ def test_eval_and_gif_run_on_a_trained_run(tiny_run, tmp_path):
     out, _ = tiny_run
     result = run_script("--eval", str(out), "--eval-episodes", "3", cwd=tmp_path)
     assert result.returncode == 0 and "greedy return over 3 episodes" in result.stdout, result.stderr
-    result = run_script("--gif", str(out), "--plots-dir", str(tmp_path / "plots"), cwd=tmp_path)
+    result = run_script("--gif", str(out), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert (tmp_path / "plots" / "agent.gif").read_bytes()[:6] == b"GIF89a"
+    assert (out / "agent.gif").read_bytes()[:6] == b"GIF89a"              # in the run's folder, not plots/
 
 
 # ---------------------------------------------------------------------------------------------- sweeps
@@ -821,4 +825,9 @@ def test_collapse_sweep_writes_its_figure_and_one_row_per_arm(tmp_path):
             "probe_r2_theta_dot", "return_mean"} <= set(columns)
     assert all(r["seeds"] == "1" for r in rows)
     config = json.loads((tmp_path / "sweep" / "collapse" / "jepa-norlgrad-noreg-seed1" / "config.json").read_text())
-    assert config["predictor_lr_scale"] == jc.COLLAPSE_SETTING["predictor_lr_scale"]   # the collapse setting
+    assert all(config[k] == v for k, v in jc.COLLAPSE_SETTING.items())           # the collapse setting
+    (plots / "collapse.png").unlink()
+    again = run_script("--plot", "--sweep-dir", str(tmp_path / "sweep"), "--plots-dir", str(plots), *TINY,
+                       cwd=tmp_path)                                      # --plot redraws it from the finished runs
+    assert again.returncode == 0, again.stderr
+    assert (plots / "collapse.png").is_file()
