@@ -725,6 +725,7 @@ def run_name(jepa, rl_grad, reg):
 
 
 COLLAPSE_THRESHOLD = 1e-7   # the paper's: a mean batch-wise variance of s_x below it means collapse
+COLLAPSED_RANK = 1.5        # ours, scale-free: an effective rank of s_x below it means (about) one direction
 
 # Every logged number, in the order of the columns of updates.csv: the training step's, then train()'s.
 UPDATE_COLUMNS = ["step", "mean_return", "loss", "jepa_loss", "reg_loss", "policy_loss", "value_loss", "entropy",
@@ -1191,13 +1192,15 @@ def summary_row(runs):
     at_end = runs["return"][:, -1]
     row = {"seeds": len(runs["seeds"]), "return_mean": f"{at_end.mean():.1f}", "return_std": f"{at_end.std():.1f}",
            "return_per_seed": " ".join(f"{s}:{r:.1f}" for s, r in zip(runs["seeds"], at_end))}
-    if "embedding_var" in runs:
-        row.update(collapsed_seeds=int((runs["embedding_var"][:, -1] < COLLAPSE_THRESHOLD).sum()),
-                   lowest_var=f"{runs['embedding_var'].min():.2g}",
-                   final_var=f"{runs['embedding_var'][:, -1].mean():.3g}",
-                   final_effective_rank=f"{runs['effective_rank'][:, -1].mean():.1f}",
-                   probe_r2_theta=f"{runs['probe_r2_theta'][:, -1].mean():.2f}",
-                   probe_r2_theta_dot=f"{runs['probe_r2_theta_dot'][:, -1].mean():.2f}")
+    if "embedding_var" in runs:   # collapsed: at the end, every embedding on about one line (effective rank < 1.5)
+        final_var = runs["embedding_var"][:, -1]
+        row.update({"collapsed_seeds": int((runs["effective_rank"][:, -1] < COLLAPSED_RANK).sum()),
+                    "var_below_1e-7_seeds": int((final_var < COLLAPSE_THRESHOLD).sum()),
+                    "lowest_var": f"{runs['embedding_var'].min():.2g}", "final_var": f"{final_var.mean():.3g}",
+                    "final_var_per_seed": " ".join(f"{s}:{v:.2g}" for s, v in zip(runs["seeds"], final_var)),
+                    "final_effective_rank": f"{runs['effective_rank'][:, -1].mean():.1f}",
+                    "probe_r2_theta": f"{runs['probe_r2_theta'][:, -1].mean():.2f}",
+                    "probe_r2_theta_dot": f"{runs['probe_r2_theta_dot'][:, -1].mean():.2f}"})
     row["wall_s_per_run"] = f"{runs['wall_s'].mean():.0f}"
     return row
 
