@@ -500,13 +500,14 @@ def train(args, render=None):
 
         # ---- 2. Advantages (GAE), and the JEPA targets s_y for the whole rollout.
         tick = time.perf_counter()
+        next_windows = windows[1:].flatten(0, 1)                   # (B, 3, H, W): the y-encoder's inputs
         with torch.inference_mode():
             values[T] = critic(x_encoder(windows[T].to(device))).squeeze(-1).cpu()   # bootstrap value
             # Speed, NOT the same result: s_y = y-encoder(windows[t+1]) once per rollout, by the y-encoder as the
             # update begins. The EMA still runs after every step, but these targets lag it by up to 31 steps (the
             # y-encoder moves ~27% of the way to the x-encoder in an update). --fresh-targets: per minibatch, ~25%
             # slower. Without the lag, a slow predictor did not collapse JEPA-only runs (README: collapse).
-            s_y = (torch.cat([y_encoder(w.to(device)) for w in windows[1:].flatten(0, 1).split(256)])
+            s_y = (torch.cat([y_encoder(w.to(device)) for w in next_windows.split(256)])
                    if args.jepa else torch.zeros(batch_size, D))                             # (B, D)
         advantages, returns = compute_gae(rewards, values, terminated, episode_end, args.gamma, args.gae_lambda)
         timing["rollout_inference"] += time.perf_counter() - tick
@@ -522,7 +523,7 @@ def train(args, render=None):
                 mb = {k: v[mb_indices].to(device) for k, v in batch.items()}
                 if args.fresh_targets and args.jepa:
                     with torch.no_grad():
-                        mb["s_y"] = y_encoder(windows[1:].flatten(0, 1)[mb_indices].to(device))   # (M, D)
+                        mb["s_y"] = y_encoder(next_windows[mb_indices].to(device))          # (M, D)
                 logged.append({k: v.item() for k, v in training_step(nets, optimizer, mb, args).items()})
         timing["update"] += time.perf_counter() - tick
 
