@@ -28,11 +28,18 @@ The paper's four configurations (Section 3, Figure 3):
     python jepa_cartpole.py --jepa    --no-rl-grad --reg      # 4: JEPA + regulariser (the paper: no collapse)
 
 Part 1, the method, follows the paper: settings, pixel Cart Pole, x-encoder, y-encoder, predictor, losses, PPO,
-training loop. Part 2 (skip it on a first reading): --figure3, --collapse, --plot, --eval, --gif, and more.
-Shapes: B = batch, N = envs, T = rollout length, F = 3 frames, P = patches per frame, D = width of s_x.
+training loop. It is a complete program on its own: `train(build_parser().parse_args())` trains an agent and
+prints one line per update. Part 2 (skip it on a first reading) adds the tools: run folders, diagnostics,
+--figure3, --collapse, --plot, --eval, --gif. It reaches into Part 1 only through train()'s `log` argument.
+
+Shapes: N = envs, T = rollout length (steps per env), F = 3 frames, H x W = pixels of a frame, p = patch side,
+R x C = patch rows x columns, P = R * C patches per frame, L = 1 + F * P tokens (CLS first), Q = tokens that get
+an output (L, or 1 in the last block), D = d = width of s_x, nh = attention heads, hs = D / nh, A = actions (2).
+B = any batch of windows an encoder reads; M = one minibatch of the N * T transitions of a rollout.
 """
 
 import argparse
+import collections
 import copy
 import csv
 import json
@@ -68,8 +75,9 @@ def build_parser():
     p.add_argument("--rl-grad", action=on_off, default=True,
                    help="let the actor and critic gradients flow into the x-encoder (--no-rl-grad detaches s_x)")
     p.add_argument("--reg", action=on_off, default=False, help="add the variance regulariser of Eq. 2")
-    # --- the run (Part 2 adds --device, --threads, --out, --overwrite and --window)
+    # --- the run (Part 2 adds --threads, --out, --overwrite and --window)
     p.add_argument("--seed", type=int, default=1, help="seeds torch, numpy and the environments")
+    p.add_argument("--device", default="cpu", help="a torch device: cpu, cuda, cuda:1, mps")
     p.add_argument("--total-steps", type=int, default=100_000, help="environment steps over all envs (paper: 100k)")
     p.add_argument("--num-envs", type=int, default=16, help="parallel Cart Poles: bigger, cheaper network batches")
     # --- pixels and the ViT (the paper fixes only d = 64)
@@ -82,21 +90,31 @@ def build_parser():
     p.add_argument("--mlp-ratio", type=int, default=2, help="hidden width of the block MLP, in units of d")
     p.add_argument("--final-norm", action=on_off, default=True, help="LayerNorm on the CLS output, as in a "
                    "standard ViT (the paper does not say); without it configuration 2 learned slower in a tuning run")
-    # --- JEPA (the paper fixes tau = 0.99 and the unweighted sum of Eq. 3; Part 2 adds the collapse levers
-    #     --predictor-lr-scale, --weight-decay and --fresh-targets, whose defaults change nothing)
+    p.add_argument("--frame-index", action=on_off, default=True, help="encode each token's frame in its position "
+                   "(the paper); --no-frame-index makes the three frames an unordered set (README: exercises)")
+    # --- JEPA (the paper fixes tau = 0.99 and the unweighted sum of Eq. 3)
     p.add_argument("--predictor-hidden", type=int, default=128, help="hidden width of the two-layer predictor")
     p.add_argument("--ema-tau", type=float, default=0.99,
                    help="y-encoder EMA rate: theta_y <- tau*theta_y + (1-tau)*theta_x (paper: 0.99)")
     p.add_argument("--jepa-coef", type=float, default=1.0, help="weight of Eq. 1 in Eq. 3 (paper: 1)")
     p.add_argument("--reg-coef", type=float, default=1.0, help="weight of Eq. 2 in Eq. 3 (paper: 1)")
-    # --- PPO: CleanRL's Cart Pole settings except where noted. gamma, lambda, entropy and lr were tuned on seeds
-    #     101-103 (not Figure 3's): configuration 2's mean return at 100k went from 135 (previous version) to 362.
+    p.add_argument("--fresh-targets", action=on_off, default=False,
+                   help="recompute s_y for every minibatch with the current y-encoder (slower); default: once per "
+                        "rollout, with the y-encoder as the update begins (see train)")
+    # --- PPO: CleanRL's ppo.py, except 16 envs x 32 steps (CleanRL: 4 x 128, the same 512 per rollout), one hidden
+    #     layer per head (CleanRL: two), and every value whose help says otherwise. gamma, lambda, entropy and lr
+    #     were tuned on seeds 101-103 (README: what mattered): configuration 2's mean return at 100k, 135 -> 362.
     p.add_argument("--num-steps", type=int, default=32, help="rollout length per env between updates")
     p.add_argument("--num-minibatches", type=int, default=8,
-                   help="minibatches per epoch; 8 minibatches of 64 give the ViT twice CleanRL's optimiser steps")
+                   help="minibatches per epoch: 8 of at most 64 transitions (autoreset steps are left out), twice "
+                        "CleanRL's optimiser steps per rollout, which the ViT needs")
     p.add_argument("--update-epochs", type=int, default=4, help="passes over each rollout")
     p.add_argument("--learning-rate", type=float, default=1e-3,
                    help="AdamW learning rate (the predictor's: x --predictor-lr-scale); CleanRL's 2.5e-4 was too slow")
+    p.add_argument("--predictor-lr-scale", type=float, default=1.0,
+                   help="the predictor's learning rate as a multiple of --learning-rate (a collapse lever, README)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on all trained networks "
+                   "(0: plain Adam; a collapse lever, README)")
     p.add_argument("--anneal-lr", action=on_off, default=True, help="decay the learning rate linearly to 0")
     p.add_argument("--gamma", type=float, default=0.98, help="discount factor (RL Zoo's for Cart Pole)")
     p.add_argument("--gae-lambda", type=float, default=0.8, help="lambda of the advantage estimate (RL Zoo's)")
@@ -106,15 +124,16 @@ def build_parser():
     p.add_argument("--max-grad-norm", type=float, default=5.0,
                    help="gradient clipping over all trained networks; not CleanRL's 0.5: the JEPA loss brings "
                         "gradient norms of ~100 early on, and 0.5 learned slower in our round-1 tuning (README)")
-    return p   # Part 2 adds the flags of the experiments and tools, and checks every value's range
+    return p   # Part 2 adds the tools' flags, and checks every value's range before a run starts
 
 
 # ------------------------------------------------------------------------------------------------------
 # 2. Pixel Cart Pole (paper Section 3: "Cart Pole ... using pixel observations")
 # Physics: gymnasium's CartPole-v1, vectorised. The agent never sees the 4-number state; we use it only to
 # *draw* the frame. We draw gymnasium's own scene (a 600 x 400 screen showing 4.8 world units of track)
-# straight at the network's resolution, and only the band where cart and pole can be: sky and floor carry no
-# information. A test checks it against gymnasium's renderer; it is ~170x faster.
+# straight at the network's resolution, in grayscale (gymnasium's colours as luma: shapes carry the state,
+# colours do not), and only the band where cart and pole can be: sky and floor carry no information. A test
+# checks it against gymnasium's renderer; the README's benchmark measured it 163x to 188x faster.
 
 SCREEN_WIDTH = 600.0                    # gymnasium's screen, in screen pixels
 SCALE = SCREEN_WIDTH / 4.8              # screen pixels per world unit (world width = 2 * x_threshold)
@@ -197,10 +216,11 @@ class Block(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
 
-    def forward(self, x, num_queries=None):     # (B, L, D); num_queries=k: outputs for the first k tokens only
+    def forward(self, x, num_queries=None):     # (B, L, D); num_queries=Q: outputs for the first Q tokens only
         B, L, D = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        q, x = q[:, :, :num_queries], x[:, :num_queries]         # q: (B, nh, Q, hs), x: (B, Q, D); Q = L by default
+        qkv = self.qkv(self.norm1(x)).view(B, L, 3, self.heads, D // self.heads)   # (B, L, 3, nh, hs)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)                                         # each (B, nh, L, hs)
+        q, x = q[:, :, :num_queries], x[:, :num_queries]  # [:None] keeps all: q (B, nh, Q, hs), x (B, Q, D)
         attended = F.scaled_dot_product_attention(q, k, v)      # (B, nh, Q, hs): each query over all L tokens
         x = x + self.proj(attended.transpose(1, 2).flatten(2))  # (B, Q, D)
         return x + self.mlp(self.norm2(x))
@@ -209,15 +229,17 @@ class Block(nn.Module):
 def last_block_cls_only(block, x):
     """Speed, same result: the last block computed for the CLS token alone. Only the CLS output is read after
     it, so only the CLS token needs a query, an attention output and an MLP there; every token still supplies
-    keys and values. A default run is ~29% faster with it; a test checks that s_x does not change."""
+    keys and values. A default run took 29% less time with it (README: speed); a test checks s_x is unchanged."""
     return block(x, num_queries=1)                                    # (B, 1, D)
 
 
 class ViTEncoder(nn.Module):
     """Three grayscale frames (B, 3, H, W) uint8 -> s, the CLS token's last-layer embedding (B, D)."""
 
-    def __init__(self, image_height, image_width, patch_size, dim, depth, heads, mlp_ratio, final_norm=True):
+    def __init__(self, image_height, image_width, patch_size, dim, depth, heads, mlp_ratio, final_norm=True,
+                 frame_index=True):
         super().__init__()
+        self.frame_index = frame_index
         self.patch_size, self.rows, self.cols = patch_size, image_height // patch_size, image_width // patch_size
         # Patch embedding as in the ViT paper: flatten each p x p patch, one linear map shared by all patches.
         self.patch_embed = nn.Linear(patch_size * patch_size, dim)
@@ -231,7 +253,8 @@ class ViTEncoder(nn.Module):
         self.norm = nn.LayerNorm(dim) if final_norm else nn.Identity()
 
     def positional_encoding(self):
-        pos = self.frame_pos[:, None, None] + self.row_pos[None, :, None] + self.col_pos[None, None, :]  # (F, R, C, D)
+        frame = self.frame_pos if self.frame_index else 0 * self.frame_pos   # --no-frame-index: frames unordered
+        pos = frame[:, None, None] + self.row_pos[None, :, None] + self.col_pos[None, None, :]  # (F, R, C, D)
         return pos.flatten(0, 2)                                       # (F*R*C, D), in the token order below
 
     def forward(self, windows):                                        # (B, F, H, W) uint8
@@ -252,7 +275,8 @@ class ViTEncoder(nn.Module):
 # Same architecture, same initial weights (a deep copy). It reads the window one step later,
 # [f(t-1), f(t), f(t+1)], which is exactly the x-encoder's NEXT input: s_y is "the embedding of where the system
 # went". It never receives gradients (requires_grad_(False), and it is not in the optimiser). After every
-# optimiser step its weights follow the x-encoder's:
+# optimiser step its weights follow the x-encoder's, in every configuration (with --no-jepa nothing reads it,
+# but model.pt's y-encoder is still the x-encoder's EMA):
 #     theta_y <- tau * theta_y + (1 - tau) * theta_x,   tau = 0.99
 
 
@@ -268,9 +292,11 @@ def ema_update(y_encoder, x_encoder, tau):
 
 # ------------------------------------------------------------------------------------------------------
 # 5. Predictor (paper Section 2, "Predictor")
-# Shallow on purpose, so that the work of predicting is done in the embedding, not in the predictor. It needs
-# the action (JEPA's latent variable z): the next frames depend on which way the cart was pushed. The one-hot
-# action is projected to the hidden width and added after the first layer.
+# Shallow on purpose, so that the work of predicting is done in the embedding, not in the predictor (the paper
+# says two layers; whether shallow matters is an exercise in the README). It needs the action: the next frames
+# depend on which way the cart was pushed. (A JEPA's predictor may take a latent variable z for what the input
+# cannot tell about the target; here the known action plays that part.) The one-hot action is projected to the
+# hidden width and added after the first layer, before its ReLU.
 
 
 class Predictor(nn.Module):
@@ -298,9 +324,12 @@ def jepa_loss(s_y_pred, s_y):
     return (s_y_pred - s_y).pow(2).sum(dim=-1).mean()
 
 
+COLLAPSE_THRESHOLD = 1e-7   # the paper's: a mean batch-wise variance of s_x below it means collapse
+
+
 def embedding_variance(s):
     # The paper's collapse indicator: the batch-wise variance of each of the d features, averaged over them.
-    # Below 1e-7 the encoder has collapsed: every input maps to (almost) the same s_x.
+    # Below COLLAPSE_THRESHOLD the encoder has collapsed: every input maps to (almost) the same s_x.
     return s.var(dim=0).mean()
 
 
@@ -366,7 +395,7 @@ def ppo_losses(logits, values, mb, clip_coef):
 
 def make_networks(args, num_actions):
     x_encoder = ViTEncoder(args.image_height, args.image_width, args.patch_size, args.embed_dim, args.depth,
-                           args.heads, args.mlp_ratio, final_norm=args.final_norm)
+                           args.heads, args.mlp_ratio, final_norm=args.final_norm, frame_index=args.frame_index)
     y_encoder = make_y_encoder(x_encoder)
     predictor = Predictor(args.embed_dim, args.predictor_hidden, num_actions)
     actor, critic = make_heads(args.embed_dim, num_actions)
@@ -375,7 +404,8 @@ def make_networks(args, num_actions):
 
 def make_optimizer(nets, args):
     # The y-encoder is deliberately absent: it learns only through the EMA. AdamW with weight decay 0 is Adam.
-    # fused=True: speed, same result (one kernel for all tensors: ~4x faster steps on a CPU; a test compares).
+    # base_lr: each group's rate before train() anneals it (the predictor's may be scaled, a collapse lever).
+    # fused=True: speed, same result (one kernel for all tensors: 0.8 against 3.6 ms per step, README; tested).
     return torch.optim.AdamW(
         [{"params": [p for k in ("x_encoder", "actor", "critic") for p in nets[k].parameters()],
           "lr": args.learning_rate, "base_lr": args.learning_rate},
@@ -431,92 +461,124 @@ def training_step(nets, optimizer, mb, args):
             "embedding_var": embedding_variance(s_x.detach())}
 
 
-def train(args, render=None):
-    # ---- set-up: seeds, and the run's log files, written row by row (a killed run keeps what it did)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+class ConsoleLog:
+    """The one door from the method to the tools. train() calls update() once per update, in one block at the
+    end of the iteration, with the update's numbers and the rollout they came from, and finish() at the end.
+    This default counts the episodes and prints one line per update; Part 2's RunLog adds files and diagnostics."""
+
+    def __init__(self, window=20):
+        self.window, self.returns, self.open_episodes, self.start = window, [], None, time.time()
+
+    def episodes(self, rollout, first_step):
+        """[(step, return, length)] of the episodes that ended in this rollout; steps count every env's steps."""
+        rewards, valid, ended = (rollout[k].numpy() for k in ("rewards", "valid", "episode_end"))   # (T, N) each
+        T, N = rewards.shape
+        if self.open_episodes is None:
+            self.open_episodes = np.zeros(N), np.zeros(N, dtype=int)    # each env's running return and length
+        returns, lengths = self.open_episodes
+        finished = []
+        for t in range(T):
+            returns += rewards[t]                                       # reward is 0 on an autoreset step
+            lengths += valid[t]
+            for i in np.flatnonzero(ended[t]):
+                finished.append((first_step + (t + 1) * N, returns[i], lengths[i]))
+                returns[i], lengths[i] = 0.0, 0
+        return finished
+
+    def record(self, step, numbers, rollout):
+        """The update's row: the training step's numbers, the running-average return and the steps per second."""
+        finished = self.episodes(rollout, step - rollout["rewards"].numel())
+        self.returns += [episode_return for _, episode_return, _ in finished]
+        recent = self.returns[-self.window:]
+        row = dict(numbers, step=step, mean_return=float(np.mean(recent)) if recent else float("nan"),
+                   sps=step / (time.time() - self.start))
+        return row, finished
+
+    def line(self, row, diagnostics=""):
+        text = (f"step {row['step']:>7} | sps {row['sps']:4.0f} | return(last {self.window}) {row['mean_return']:5.1f}"
+                f" | embedding var {row['embedding_var']:.1e}{diagnostics} | jepa {row['jepa_loss']:.3f}")
+        if row["embedding_var"] < COLLAPSE_THRESHOLD:
+            text += f"\nwarning: embedding variance below {COLLAPSE_THRESHOLD:g}: the encoder has collapsed"
+        return text
+
+    def update(self, update, num_updates, step, numbers, nets, rollout):
+        self.last_row, _ = self.record(step, numbers, rollout)
+        print(self.line(self.last_row), flush=True)
+
+    def finish(self, nets):
+        wall = time.time() - self.start
+        return {"steps": self.last_row["step"], "wall_s": wall, "sps": self.last_row["step"] / wall,
+                "final_mean_return": self.last_row["mean_return"], "return_window_episodes": self.window}
+
+
+def train(args, render=None, log=None):
+    """Train the agent that Part 1's flags describe; returns (summary, nets). `log` is the door to the tools."""
+    # ---- set-up: seeds, environments, networks, optimiser
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     device = torch.device(args.device)
-    batch_size = args.num_envs * args.num_steps                      # transitions per rollout
-    num_updates = math.ceil(args.total_steps / batch_size)           # whole rollouts, at least --total-steps
-    log = RunLog(args)                                               # Part 2: files and console
-
-    # ---- environments, networks, optimiser, and a fixed probe set for the diagnostics (Part 2)
     H, W, N, T, D = args.image_height, args.image_width, args.num_envs, args.num_steps, args.embed_dim
+    batch_size = N * T                                               # transitions per rollout
+    num_updates = math.ceil(args.total_steps / batch_size)           # whole rollouts, at least --total-steps
+    log = log or ConsoleLog()
     render = render or (lambda states: render_frames(states, H, W))
     envs = gym.make_vec("CartPole-v1", num_envs=N, vectorization_mode="vector_entry_point")
     nets = {k: net.to(device) for k, net in make_networks(args, envs.single_action_space.n).items()}
     x_encoder, y_encoder, actor, critic = nets["x_encoder"], nets["y_encoder"], nets["actor"], nets["critic"]
     optimizer = make_optimizer(nets, args)
-    probe_set = make_probe_set(args.seed, H, W)
 
     # ---- rollout storage. windows[t] is the x-encoder's input at step t; windows[t+1] is the y-encoder's.
     windows = torch.zeros((T + 1, N, 3, H, W), dtype=torch.uint8)    # uint8: 4x less memory than float
-    rollout_s_x = torch.zeros((T, N, D))                             # s_x while acting, for the effective rank
     actions = torch.zeros((T, N), dtype=torch.long)
     logprobs, rewards, terminated, episode_end = (torch.zeros((T, N)) for _ in range(4))
     values = torch.zeros((T + 1, N))                                 # values[T]: the bootstrap value
     valid = torch.zeros((T, N), dtype=torch.bool)                    # False on autoreset steps (see step_pixels)
+    rollout_s_x, rollout_states = torch.zeros((T, N, D)), torch.zeros((T, N, 4))   # for the logger's diagnostics
 
     states, _ = envs.reset(seed=args.seed)
     window = push_frame(np.zeros((N, 3, H, W), np.uint8), render(states), np.ones(N, bool))  # (N, 3, H, W)
     previous_episode_end = np.zeros(N, dtype=bool)
-    episode_return, episode_length, recent_returns = np.zeros(N), np.zeros(N, dtype=int), []
-    global_step, start = 0, time.time()
-    timing = dict.fromkeys(["env_and_render", "rollout_inference", "update"], 0.0)
+    global_step = 0
 
     for update in range(1, num_updates + 1):
-        if args.anneal_lr:
+        if args.anneal_lr:                  # linearly from base_lr at the first update towards 0 after the last
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * (1.0 - (update - 1.0) / num_updates)
 
         # ---- 1. Rollout: act with the current policy for T steps in N envs.
         windows[0] = torch.from_numpy(window)
         for t in range(T):
-            tick = time.perf_counter()
-            with torch.inference_mode():                                 # no autograd bookkeeping while acting
-                s_x = x_encoder(windows[t].to(device))                   # (N, D)
+            rollout_states[t] = torch.from_numpy(states)           # the true state at f(t); the agent never sees it
+            with torch.inference_mode():                            # no autograd bookkeeping while acting
+                s_x = x_encoder(windows[t].to(device))              # (N, D)
                 dist = torch.distributions.Categorical(logits=actor(s_x))
-                action = dist.sample()                                   # (N,)
+                action = dist.sample()                              # (N,)
                 values[t], logprobs[t] = critic(s_x).squeeze(-1).cpu(), dist.log_prob(action).cpu()
             actions[t], rollout_s_x[t] = action.cpu(), s_x.cpu()
-            tock = time.perf_counter()
-            timing["rollout_inference"] += tock - tick
-
             window, states, reward, term, ended, is_valid = step_pixels(envs, action.cpu().numpy(), window,
                                                                         previous_episode_end, render)
-            global_step += N                                   # counts autoreset steps too, as CleanRL does
+            global_step += N               # every env step, the autoreset steps too (one per finished episode)
             windows[t + 1], valid[t], rewards[t] = (torch.from_numpy(a) for a in (window, is_valid, reward))
             terminated[t], episode_end[t] = torch.from_numpy(term * 1.0), torch.from_numpy(ended * 1.0)
             previous_episode_end = ended
-            episode_return += reward                           # reward is 0 on an autoreset step
-            episode_length += is_valid
-            for i in np.flatnonzero(ended):
-                log.episode(global_step, episode_return[i], episode_length[i])
-                recent_returns.append(episode_return[i])
-                episode_return[i], episode_length[i] = 0.0, 0
-            timing["env_and_render"] += time.perf_counter() - tock
 
         # ---- 2. Advantages (GAE), and the JEPA targets s_y for the whole rollout.
-        tick = time.perf_counter()
-        next_windows = windows[1:].flatten(0, 1)                   # (B, 3, H, W): the y-encoder's inputs
+        next_windows = windows[1:].flatten(0, 1)                    # (N*T, 3, H, W): the y-encoder's inputs
         with torch.inference_mode():
             values[T] = critic(x_encoder(windows[T].to(device))).squeeze(-1).cpu()   # bootstrap value
             # Speed, NOT the same result: s_y = y-encoder(windows[t+1]) once per rollout, by the y-encoder as the
-            # update begins. The EMA still runs after every step, but these targets lag it by up to 31 steps (the
-            # y-encoder moves ~27% of the way to the x-encoder in an update). --fresh-targets: per minibatch, ~25%
-            # slower. Without the lag, a slow predictor did not collapse JEPA-only runs (README: collapse).
+            # update begins. The EMA still runs after every optimiser step, so the targets lag it by up to
+            # update_epochs * num_minibatches - 1 steps (31 at the defaults; in 32 steps the y-encoder moves
+            # 1 - 0.99^32 = 27% of the way to the x-encoder). --fresh-targets computes them per minibatch instead
+            # (slower; README: speed). Without the lag a slow predictor did not collapse JEPA (README: collapse).
             s_y = (torch.cat([y_encoder(w.to(device)) for w in next_windows.split(256)])
-                   if args.jepa else torch.zeros(batch_size, D))                             # (B, D)
+                   if args.jepa and not args.fresh_targets else torch.zeros(batch_size, D))   # (N*T, D)
         advantages, returns = compute_gae(rewards, values, terminated, episode_end, args.gamma, args.gae_lambda)
-        timing["rollout_inference"] += time.perf_counter() - tick
 
         # ---- 3. Update: --update-epochs passes over the rollout's valid steps, in --num-minibatches minibatches.
-        tick = time.perf_counter()
         batch = {"windows": windows[:T].flatten(0, 1), "s_y": s_y, "actions": actions.flatten(),
                  "logprobs": logprobs.flatten(), "advantages": advantages.flatten(), "returns": returns.flatten()}
-        valid_indices = torch.nonzero(valid.flatten()).squeeze(1)       # (B',) the autoreset steps left out
+        valid_indices = torch.nonzero(valid.flatten()).squeeze(1)   # (N*T minus the autoreset steps,)
         logged = []
         for epoch in range(args.update_epochs):
             for mb_indices in valid_indices[torch.randperm(len(valid_indices))].tensor_split(args.num_minibatches):
@@ -525,24 +587,16 @@ def train(args, render=None):
                     with torch.no_grad():
                         mb["s_y"] = y_encoder(next_windows[mb_indices].to(device))          # (M, D)
                 logged.append({k: v.item() for k, v in training_step(nets, optimizer, mb, args).items()})
-        timing["update"] += time.perf_counter() - tick
 
-        # ---- 4. Log one row per update: the minibatch means of the training step's numbers, the running-average
-        # return, and the diagnostics of Part 2 (the effective rank of s_x, a linear probe of the true state).
-        row = {k: np.mean([numbers[k] for numbers in logged]) for k in logged[0]}
-        mean_return = float(np.mean(recent_returns[-args.window:])) if recent_returns else float("nan")
-        row.update(step=global_step, mean_return=mean_return, learning_rate=optimizer.param_groups[0]["lr"],
-                   sps=global_step / (time.time() - start),
-                   **embedding_diagnostics(x_encoder, rollout_s_x, probe_set, device, update, num_updates))
-        log.update(row, num_updates * batch_size)   # also the console line, and a warning if s_x has collapsed
+        # ---- 4. Log, in one block: the update's numbers (minibatch means) and its rollout go to the logger.
+        numbers = {k: np.mean([step_numbers[k] for step_numbers in logged]) for k in logged[0]}
+        numbers["learning_rate"] = optimizer.param_groups[0]["lr"]
+        log.update(update, num_updates, global_step, numbers, nets, rollout=dict(
+            windows=windows, s_x=rollout_s_x, states=rollout_states, rewards=rewards, valid=valid,
+            episode_end=episode_end))
 
     envs.close()
-    wall = time.time() - start
-    summary = {"steps": global_step, "wall_s": wall, "sps": global_step / wall, "final_mean_return": mean_return,
-               "return_window_episodes": args.window, "final_embedding_var": row["embedding_var"],
-               "final_effective_rank": row["effective_rank"], "timing_s": timing}
-    log.finish(nets, summary)                                        # model.pt and summary.json
-    return summary, nets
+    return log.finish(nets), nets
 
 
 # ======================================================================================================
@@ -577,18 +631,10 @@ COLLAPSE_ARMS = {  # name: (jepa, rl_grad, reg)
 def add_tool_flags(p):
     p.epilog = CONFIGURATIONS_HELP
     run = p.add_argument_group("where a run runs and writes")
-    run.add_argument("--device", default="cpu", help="a torch device: cpu, cuda, cuda:1, mps")
     run.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 keeps torch's default")
     run.add_argument("--out", type=Path, default=None, help="run folder [runs/<switches>-seed<k>]")
     run.add_argument("--overwrite", action="store_true", help="allow writing into an existing non-empty --out")
     run.add_argument("--window", type=int, default=20, help="episodes in the running average of the return")
-    levers = p.add_argument_group("collapse levers (README: When does JEPA collapse?); the defaults change nothing")
-    levers.add_argument("--predictor-lr-scale", type=float, default=1.0,
-                        help="the predictor's learning rate, as a multiple of --learning-rate")
-    levers.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on all trained networks")
-    levers.add_argument("--fresh-targets", action=argparse.BooleanOptionalAction, default=False,
-                        help="recompute s_y for every minibatch with the current y-encoder (~25%% slower); "
-                             "default: once per rollout, with the y-encoder as the update begins")
     tools = p.add_argument_group("experiments and tools (Part 2); at most one of the modes")
     tools.add_argument("--figure3", action="store_true",
                        help="run the paper's 4 configurations x --seeds seeds (1, 2, ...) x --total-steps, plus "
@@ -725,22 +771,24 @@ def run_name(jepa, rl_grad, reg):
     return f"{'jepa' if jepa else 'nojepa'}-{'rlgrad' if rl_grad else 'norlgrad'}-{'reg' if reg else 'noreg'}"
 
 
-COLLAPSE_THRESHOLD = 1e-7   # the paper's: a mean batch-wise variance of s_x below it means collapse
 COLLAPSED_RANK = 1.5        # ours, scale-free: an effective rank of s_x below it means (about) one direction
 
 # Every logged number, in the order of the columns of updates.csv: the training step's, then train()'s.
 UPDATE_COLUMNS = ["step", "mean_return", "loss", "jepa_loss", "reg_loss", "policy_loss", "value_loss", "entropy",
                   "approx_kl", "grad_norm", "embedding_var", "effective_rank", "probe_r2_x", "probe_r2_x_dot",
-                  "probe_r2_theta", "probe_r2_theta_dot", "learning_rate", "sps"]
+                  "probe_r2_theta", "probe_r2_theta_dot", "onpolicy_r2_x", "onpolicy_r2_x_dot", "onpolicy_r2_theta",
+                  "onpolicy_r2_theta_dot", "learning_rate", "sps"]
 
 
-class RunLog:
-    """A run's files, each row written and flushed as it comes, so a killed run keeps what it did: config.json,
-    episodes.csv (one row per episode), updates.csv (one row per update) and, at the end, model.pt and
-    summary.json. Also the console line per update and the collapse warning."""
+class RunLog(ConsoleLog):
+    """Part 1's logger door, with a run folder: each row written and flushed as it comes, so a killed run keeps
+    what it did: config.json, episodes.csv (one row per episode), updates.csv (one row per update, with the
+    diagnostics of section 10) and, at the end, model.pt and summary.json. The console line adds the diagnostics."""
 
     def __init__(self, args):
-        self.out, self.window, self.probe_theta = args.out, args.window, float("nan")
+        self.out, self.device, self.probe_theta = args.out, args.device, float("nan")
+        self.probe_set = make_probe_set(args.seed, args.image_height, args.image_width)
+        self.recent_rollouts = collections.deque(maxlen=ONPOLICY_ROLLOUTS)   # for the on-policy probe
         args.out.mkdir(parents=True, exist_ok=True)
         for stale in ("summary.json", "model.pt", "training.png"):   # --overwrite: never a finished-looking mix
             (args.out / stale).unlink(missing_ok=True)
@@ -748,37 +796,41 @@ class RunLog:
                                                           for k, v in vars(args).items()}, indent=2))
         self.episodes_file = open(args.out / "episodes.csv", "w", newline="")
         self.updates_file = open(args.out / "updates.csv", "w", newline="")
-        self.episodes = csv.writer(self.episodes_file)
-        self.updates = csv.DictWriter(self.updates_file, fieldnames=UPDATE_COLUMNS)
-        self.episodes.writerow(["step", "return", "length"])
-        self.updates.writeheader()
+        self.episodes_csv = csv.writer(self.episodes_file)
+        self.updates_csv = csv.DictWriter(self.updates_file, fieldnames=UPDATE_COLUMNS)
+        self.episodes_csv.writerow(["step", "return", "length"])
+        self.updates_csv.writeheader()
         self.episodes_file.flush()
         self.updates_file.flush()
+        super().__init__(args.window)                                  # starts the clock
 
-    def episode(self, step, episode_return, length):
-        self.episodes.writerow([step, episode_return, length])      # flushed with the next update's row
-
-    def update(self, row, total_steps):
-        self.updates.writerow(row)
+    def update(self, update, num_updates, step, numbers, nets, rollout):
+        row, finished = self.record(step, numbers, rollout)
+        self.recent_rollouts.append((rollout["windows"][:-1].clone(), rollout["states"].clone()))
+        row.update(embedding_diagnostics(nets["x_encoder"], rollout["s_x"], self.probe_set, self.recent_rollouts,
+                                         self.device, update, num_updates))
+        self.episodes_csv.writerows(finished)
+        self.updates_csv.writerow(row)
         self.episodes_file.flush()
         self.updates_file.flush()
-        if math.isfinite(row["probe_r2_theta"]):                    # the console shows the latest probe
+        self.last_row = row
+        if math.isfinite(row["probe_r2_theta"]):                       # the console shows the latest probe
             self.probe_theta = row["probe_r2_theta"]
-        print(f"step {row['step']:>7}/{total_steps} | sps {row['sps']:4.0f} | return(last {self.window}) "
-              f"{row['mean_return']:5.1f} | embedding var {row['embedding_var']:.1e} | eff. rank "
-              f"{row['effective_rank']:4.1f} | probe R2 theta {self.probe_theta:5.2f} | jepa {row['jepa_loss']:.3f}",
-              flush=True)
-        if row["embedding_var"] < COLLAPSE_THRESHOLD:
-            print(f"warning: embedding variance {row['embedding_var']:.1e} < {COLLAPSE_THRESHOLD:g}: "
-                  "the encoder has collapsed (every input maps to the same s_x)", flush=True)
+        print(self.line(row), flush=True)
 
-    def finish(self, nets, summary):
+    def line(self, row):
+        return super().line(row, f" | eff. rank {row['effective_rank']:4.1f} | probe R2 theta {self.probe_theta:5.2f}")
+
+    def finish(self, nets):
+        summary = {**super().finish(nets), "final_embedding_var": self.last_row["embedding_var"],
+                   "final_effective_rank": self.last_row["effective_rank"]}
         self.episodes_file.close()
         self.updates_file.close()
         torch.save({k: net.state_dict() for k, net in nets.items()}, self.out / "model.pt")
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
-        print(f"done: {summary['steps']} steps in {summary['wall_s']:.0f}s ({summary['sps']:.0f} sps); timing "
-              f"{', '.join(f'{k} {v:.0f}s' for k, v in summary['timing_s'].items())}; logs in {self.out}")
+        print(f"done: {summary['steps']} steps in {summary['wall_s']:.0f}s ({summary['sps']:.0f} sps); "
+              f"logs in {self.out}")
+        return summary
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -794,16 +846,19 @@ def effective_rank(s):
     return torch.exp(-(p * torch.log(p.clamp_min(1e-30))).sum())
 
 
-PROBE_EVERY = 8   # updates between two probes (and the last one): encoding 2048 windows costs about 4 rollouts
+PROBE_EVERY = 8        # updates between two probes (and the last one): each probe encodes 2 x 2048 windows
+ONPOLICY_ROLLOUTS = 4  # the on-policy probe reads the last 4 rollouts' windows (2048 at the defaults)
 
 
-def embedding_diagnostics(x_encoder, rollout_s_x, probe_set, device, update, num_updates):
+def embedding_diagnostics(x_encoder, rollout_s_x, probe_set, recent_rollouts, device, update, num_updates):
     """The collapse indicators beyond the paper's variance: the effective rank of the rollout's s_x (T, N, D),
-    every update, and the held-out R^2 of a linear probe of each state variable on the fixed probe set, every
-    PROBE_EVERY updates and at the last (NaN in between)."""
-    probe = (probe_r2(x_encoder, probe_set, device) if update % PROBE_EVERY == 0 or update == num_updates
-             else {f"probe_r2_{name}": float("nan") for name in STATE_NAMES})
-    return {"effective_rank": effective_rank(rollout_s_x.flatten(0, 1)).item(), **probe}
+    every update, and two linear probes of the true state, every PROBE_EVERY updates and at the last (NaN in
+    between): on the fixed, uniform probe set (probe_r2_*) and on the states the agent visits (onpolicy_r2_*)."""
+    if update % PROBE_EVERY == 0 or update == num_updates:
+        probes = {**probe_r2(x_encoder, probe_set, device), **onpolicy_probe_r2(x_encoder, recent_rollouts, device)}
+    else:
+        probes = {f"{kind}_r2_{name}": float("nan") for kind in ("probe", "onpolicy") for name in STATE_NAMES}
+    return {"effective_rank": effective_rank(rollout_s_x.flatten(0, 1)).item(), **probes}
 
 
 def make_probe_set(seed, height, width, size=2048):
@@ -842,14 +897,33 @@ def linear_probe_r2(fit_s, fit_state, test_s, test_state, ridge=1e-2):
     return 1.0 - residual / (test_state - test_state.mean(0)).pow(2).sum(0)
 
 
-def probe_r2(x_encoder, probe_set, device):
-    """{probe_r2_<variable>: held-out R^2} of the x-encoder on the fixed probe set."""
-    windows, states = probe_set
+def encode(x_encoder, windows, device):
     with torch.inference_mode():                            # in chunks: less memory, and faster on a CPU
-        s = torch.cat([x_encoder(chunk.to(device)).cpu() for chunk in windows.split(256)]).double()   # (size, D)
-    half = len(s) // 2
+        return torch.cat([x_encoder(chunk.to(device)).cpu() for chunk in windows.split(256)]).double()  # (B, D)
+
+
+def probe_r2(x_encoder, probe_set, device):
+    """{probe_r2_<variable>: held-out R^2} of the x-encoder on the fixed probe set: generalisation to states
+    spread over the whole range an episode can visit, most of which a trained agent never goes near."""
+    windows, states = probe_set
+    s, half = encode(x_encoder, windows, device), len(windows) // 2
     r2 = linear_probe_r2(s[:half], states[:half].double(), s[half:], states[half:].double())
     return {f"probe_r2_{name}": value for name, value in zip(STATE_NAMES, r2.tolist())}
+
+
+def onpolicy_probe_r2(x_encoder, recent_rollouts, device):
+    """{onpolicy_r2_<variable>: held-out R^2} on the states the agent visits: the windows of the last rollouts,
+    [(windows (T, N, 3, H, W), states (T, N, 4))], re-encoded by the current x-encoder, fitted on the first half
+    of the envs and scored on the other half. Split by env, never by sample: neighbouring steps of one env are
+    near-duplicates, and a random split would score the probe on copies of what it was fitted on."""
+    windows = torch.cat([w for w, _ in recent_rollouts]).transpose(0, 1)            # (N, K*T, 3, H, W)
+    states = torch.cat([st for _, st in recent_rollouts]).transpose(0, 1).double()  # (N, K*T, 4)
+    half = windows.shape[0] // 2
+    if half == 0:                                                                   # one env: nothing to hold out
+        return {f"onpolicy_r2_{name}": float("nan") for name in STATE_NAMES}
+    fit, test = (encode(x_encoder, w.flatten(0, 1), device) for w in (windows[:half], windows[half:]))
+    r2 = linear_probe_r2(fit, states[:half].flatten(0, 1), test, states[half:].flatten(0, 1))
+    return {f"onpolicy_r2_{name}": value for name, value in zip(STATE_NAMES, r2.tolist())}
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -1065,7 +1139,7 @@ def _sweep_worker(run_args):
         if run_args.state_reference:
             train_state_reference(run_args.seed, run_args.total_steps, run_args.out)
         else:
-            train(run_args)
+            train(run_args, log=RunLog(run_args))
             plot_training(run_args.out)
 
 
@@ -1460,7 +1534,10 @@ def main(argv=None):
         elif args.state_reference:
             train_state_reference(args.seed, args.total_steps, args.out, args.threads)
         else:
-            train(args, GymnasiumRenderer(args.image_height, args.image_width) if args.renderer == "gymnasium" else None)
+            if args.threads:
+                torch.set_num_threads(args.threads)
+            train(args, GymnasiumRenderer(args.image_height, args.image_width) if args.renderer == "gymnasium" else None,
+                  RunLog(args))
             print(f"figure of this run: {plot_training(args.out)}")
     except KeyboardInterrupt:
         if args.figure3 or args.collapse:

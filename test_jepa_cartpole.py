@@ -757,7 +757,8 @@ def test_ctrl_c_stops_cleanly_and_leaves_complete_logs(tmp_path):
 def tiny_run(tmp_path_factory):
     """A tiny run trained in this process, with its networks as they were at the end of training."""
     out = tmp_path_factory.mktemp("tiny") / "run"
-    summary, nets = jc.train(jc.parse_args([*TINY, "--out", str(out)]))
+    args = jc.parse_args([*TINY, "--out", str(out)])
+    summary, nets = jc.train(args, log=jc.RunLog(args))
     return out, nets
 
 
