@@ -45,6 +45,7 @@ import csv
 import json
 import math
 import multiprocessing
+import os
 import signal
 import sys
 import time
@@ -55,6 +56,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+try:
+    import fcntl                       # Part 2's sweep lock; POSIX only (elsewhere sweeps run without it)
+except ImportError:
+    fcntl = None
 
 # ======================================================================================================
 # PART 1: THE METHOD
@@ -653,8 +659,12 @@ def add_tool_flags(p):
                             "beside the three frames its encoder receives")
     tools.add_argument("--benchmark-renderer", action="store_true",
                        help="time render_frames against gymnasium's own render (+ crop, downsample), then exit")
-    tools.add_argument("--sweep-dir", type=Path, default=Path("runs"),
-                       help="--figure3 and --collapse keep their runs in <sweep-dir>/figure3 and <sweep-dir>/collapse")
+    tools.add_argument("--sweep-dir", type=Path, default=Path("results"),
+                       help="--figure3 and --collapse keep their runs in <sweep-dir>/figure3 and <sweep-dir>/collapse; "
+                            "the default holds our committed runs (their logs, not their weights)")
+    tools.add_argument("--print-commands", action="store_true",
+                       help="with --figure3 or --collapse: print the runs still to do, one shell command each, for "
+                            "a scheduler (GNU parallel, a SLURM array); then --plot collects them")
     tools.add_argument("--plots-dir", type=Path, default=Path("plots"), help="where figures and tables go")
     tools.add_argument("--seeds", type=int, default=5, help="seeds per configuration of a sweep (paper: 5)")
     tools.add_argument("--workers", type=int, default=2, help="a sweep's runs side by side, one thread each")
@@ -725,12 +735,15 @@ def parse_args(argv=None):
                      f"{400 - CROP_BOTTOM:.0f}: keep height/width in [{POLE_SPAN / SCREEN_WIDTH:.3f}, "
                      f"{(400 - CROP_BOTTOM) / SCREEN_WIDTH:.3f}]")
     batch_size, _ = rollout_sizes(args)
-    if batch_size < 8 * args.num_minibatches:
+    if args.state_reference:                                            # its own rollout: 8 envs x 32 steps
+        batch_size = STATE_REFERENCE["num_envs"] * STATE_REFERENCE["num_steps"]
+    elif batch_size < 8 * args.num_minibatches:
         parser.error(f"--num-minibatches {args.num_minibatches}: minibatches of the rollout's {batch_size} "
                      "transitions (--num-envs x --num-steps) need at least 8 samples each (Eq. 2's batch variance)")
     if args.total_steps < batch_size:
-        parser.error(f"--total-steps {args.total_steps} is smaller than one rollout (--num-envs x --num-steps = "
-                     f"{batch_size})")
+        parser.error(f"--total-steps {args.total_steps} is smaller than one rollout ("
+                     + ("the state reference's 8 envs x 32 steps" if args.state_reference else "--num-envs x --num-steps")
+                     + f" = {batch_size})")
     if (message := check_device(args.device)):
         parser.error(message)
     modes = [f"--{m.replace('_', '-')}" for m in MODES if getattr(args, m)]
@@ -740,6 +753,12 @@ def parse_args(argv=None):
         run = getattr(args, mode)
         if run is not None and not ((run / "config.json").is_file() and (run / "model.pt").is_file()):
             parser.error(f"--{mode} {run}: not a finished run folder (it needs config.json and model.pt)")
+        if run is not None and run.name.startswith("state-"):
+            parser.error(f"--{mode} {run}: the state reference has no pixel agent to load")
+        if run is not None and (problem := check_run(run, need_model=True)):
+            parser.error(f"--{mode} {run}: {problem}")
+    if args.print_commands and not (args.figure3 or args.collapse):
+        parser.error("--print-commands goes with --figure3 or --collapse")
     if args.plot and not any(finished_runs(args.sweep_dir / sweep) for sweep in ("figure3", "collapse")):
         parser.error(f"--plot: no finished run in {args.sweep_dir}/figure3 or {args.sweep_dir}/collapse; run "
                      f"--figure3 or --collapse first ({args.plots_dir} is left as it is)")
@@ -771,7 +790,14 @@ def run_name(jepa, rl_grad, reg):
     return f"{'jepa' if jepa else 'nojepa'}-{'rlgrad' if rl_grad else 'norlgrad'}-{'reg' if reg else 'noreg'}"
 
 
-COLLAPSED_RANK = 1.5        # ours, scale-free: an effective rank of s_x below it means (about) one direction
+# The collapse criterion, written down before the runs that test it (issue 15): a run is COLLAPSED when the effective
+# rank of its rollouts' s_x is below COLLAPSED_RANK for at least COLLAPSED_SHARE of its updates after the first
+# COLLAPSE_GRACE_STEPS steps. The rank is scale-free, unlike the variance (README: collapse). A run ESCAPES at the
+# first update after its last collapsed one, when it was collapsed at some update and is not at the end. The
+# paper's criterion (variance below COLLAPSE_THRESHOLD) is reported beside it.
+COLLAPSED_RANK = 1.5        # an effective rank of s_x below it means (about) one direction
+COLLAPSED_SHARE = 0.9
+COLLAPSE_GRACE_STEPS = 10_000
 
 # Every logged number, in the order of the columns of updates.csv: the training step's, then train()'s.
 UPDATE_COLUMNS = ["step", "mean_return", "loss", "jepa_loss", "reg_loss", "policy_loss", "value_loss", "entropy",
@@ -1096,7 +1122,54 @@ COLORS = {1: "tab:purple", 2: "tab:blue", 3: "tab:red", 4: "tab:green", "state":
           "JEPA only": "tab:red", "JEPA + RL gradients": "tab:blue", "JEPA + regulariser": "tab:green"}
 # Flags that may differ between the runs of one sweep, or do not change what a run computes.
 PER_RUN_FLAGS = {"out", "seed", "threads", "jepa", "rl_grad", "reg", "device", "overwrite", "window", *MODES,
-                 "sweep_dir", "plots_dir", "seeds", "workers", "eval_episodes", "renderer"}
+                 "sweep_dir", "plots_dir", "seeds", "workers", "eval_episodes", "renderer", "print_commands"}
+# Flags added after runs were made: a config.json without them was made with these values.
+LATER_FLAGS = {"frame_index": True}
+
+
+def fail(message):
+    """A clear message and exit code 2, as argparse gives for a bad flag; nothing already written is touched."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def read_config(run_dir):
+    """A run's config.json as a dict, with LATER_FLAGS filled in; raises ValueError naming the file."""
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{run_dir / 'config.json'} cannot be read ({error})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{run_dir / 'config.json'} is not a JSON object")
+    config = {**LATER_FLAGS, **config}
+    needed = ({"seed", "total_steps"} if run_dir.name.startswith("state-")
+              else {a.dest for a in build_parser()._actions} - {"help"})
+    if (missing := sorted(needed - config.keys())):
+        raise ValueError(f"{run_dir / 'config.json'} lacks {', '.join(missing)} (made by another version?)")
+    return config
+
+
+def check_run(run_dir, need_model=False):
+    """None if run_dir holds a finished run whose files read whole, else what is wrong, naming the file."""
+    try:
+        read_config(run_dir)
+    except ValueError as error:
+        return str(error)
+    readers = {"summary.json": lambda f: int(json.loads(f.read_text())["steps"]),
+               "updates.csv": lambda f: read_csv(f)["step"][-1],
+               "episodes.csv": lambda f: np.loadtxt(f, delimiter=",", skiprows=1, ndmin=2).reshape(-1, 3)}
+    if need_model:
+        readers["model.pt"] = lambda f: [torch.load(f, map_location="cpu")[k] for k in
+                                         ("x_encoder", "y_encoder", "predictor", "actor", "critic")]
+    read = {}
+    for name, reader in readers.items():
+        try:
+            read[name] = reader(run_dir / name)
+        except Exception as error:        # a truncated CSV, JSON or zip: whatever the parser raises, name the file
+            return f"{run_dir / name} is missing, truncated or damaged ({type(error).__name__}: {error})"
+    if read["updates.csv"] != read["summary.json"]:
+        return f"{run_dir / 'updates.csv'} is truncated: its last row is not step {read['summary.json']}"
+    return None
 
 
 def finished_runs(sweep_dir):
@@ -1105,29 +1178,54 @@ def finished_runs(sweep_dir):
 
 def check_same_settings(out, args):
     """Refuse to reuse or plot a finished run that was made with other settings than this command's."""
-    saved = json.loads((out / "config.json").read_text())
+    saved = read_config(out)
     compared = ["total_steps"] if out.name.startswith("state-") else vars(args)   # the reference has its own settings
     different = {k: (saved.get(k), getattr(args, k)) for k in compared if k not in PER_RUN_FLAGS
                  and saved.get(k) != (str(getattr(args, k)) if isinstance(getattr(args, k), Path) else getattr(args, k))}
     if different:
         listed = ", ".join(f"{k}: run {a} vs now {b}" for k, (a, b) in different.items())
-        sys.exit(f"error: {out} was made with other settings ({listed}); use another --sweep-dir or the same flags")
+        fail(f"{out} was made with other settings ({listed}); use another --sweep-dir or the same flags")
+
+
+def sweep_groups(kind):
+    """{group: its runs' folder name without the seed}: Figure 3's configurations and the state reference, or
+    the collapse demonstration's arms."""
+    if kind == "figure3":
+        return {**{c: run_name(j, g, r) for c, (j, g, r, _) in FIGURE3_CONFIGS.items()}, "state": "state"}
+    return {arm: run_name(*switches) for arm, switches in COLLAPSE_ARMS.items()}
+
+
+def sweep_job(args, kind, group, seed):
+    """The Namespace of one run of a sweep: the sweep's flags, the group's switches (and the collapse setting)."""
+    out = args.sweep_dir / kind / f"{sweep_groups(kind)[group]}-seed{seed}"
+    if group == "state":
+        return argparse.Namespace(**{**vars(args), "state_reference": True, "seed": seed, "threads": 1, "out": out})
+    j, g, r = FIGURE3_CONFIGS[group][:3] if kind == "figure3" else COLLAPSE_ARMS[group]
+    setting = COLLAPSE_SETTING if kind == "collapse" else {}
+    return argparse.Namespace(**{**vars(args), **setting, "jepa": j, "rl_grad": g, "reg": r, "seed": seed,
+                                 "threads": 1, "state_reference": False, "figure3": False, "collapse": False,
+                                 "print_commands": False, "out": out})
 
 
 def sweep_jobs(args, kind):
-    """{group: [run Namespace per seed]}: Figure 3's configurations (and the state reference), or collapse arms."""
-    groups = ({c: (j, g, r) for c, (j, g, r, _) in FIGURE3_CONFIGS.items()} if kind == "figure3"
-              else dict(COLLAPSE_ARMS))
-    setting = COLLAPSE_SETTING if kind == "collapse" else {}
-    jobs = {group: [argparse.Namespace(**{**vars(args), **setting, "jepa": j, "rl_grad": g, "reg": r, "seed": seed,
-                                          "threads": 1, "state_reference": False, "figure3": False, "collapse": False,
-                                          "out": args.sweep_dir / kind / f"{run_name(j, g, r)}-seed{seed}"})
-                    for seed in range(1, args.seeds + 1)] for group, (j, g, r) in groups.items()}
-    if kind == "figure3":
-        jobs["state"] = [argparse.Namespace(**{**vars(args), "state_reference": True, "seed": seed, "threads": 1,
-                                               "out": args.sweep_dir / kind / f"state-seed{seed}"})
-                         for seed in range(1, args.seeds + 1)]
-    return jobs
+    """{group: [run Namespace per seed 1 .. --seeds]}."""
+    return {group: [sweep_job(args, kind, group, seed) for seed in range(1, args.seeds + 1)]
+            for group in sweep_groups(kind)}
+
+
+def command_line(job):
+    """One run of a sweep as a shell command that writes the same run folder as the sweep would: Part 1's flags
+    (the method's settings) where they differ from the defaults, the three switches always."""
+    flags = ["--state-reference", "--total-steps", str(job.total_steps)] if job.state_reference else []
+    for action in [] if job.state_reference else build_parser()._actions:
+        value = getattr(job, action.dest, None)
+        if isinstance(action, argparse.BooleanOptionalAction):
+            if action.dest in ("jepa", "rl_grad", "reg") or value != action.default:
+                flags.append(action.option_strings[0 if value else 1])
+        elif action.dest not in ("help", "seed") and value != action.default:
+            flags += [action.option_strings[0], str(value)]
+    return " ".join(["python", Path(__file__).name, *flags, "--seed", str(job.seed), "--threads", "1",
+                     "--out", str(job.out), "--overwrite"])
 
 
 def _sweep_worker(run_args):
@@ -1150,15 +1248,46 @@ def last_logged_step(out):
         return 0
 
 
-def run_sweep(args, kind):
-    """Run every run of the sweep that has not finished yet, --workers at a time, then plot."""
+def lock_sweep(folder):
+    """Hold an OS lock on <folder>/sweep.lock for the sweep's life: a second sweep into the same folder is refused.
+    The kernel releases it when the process ends in any way, kill -9 included (a lock file alone would stay)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder / "sweep.lock", "a+")
+    if fcntl is not None:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            fail(f"{folder} is in use by another sweep (process {handle.read().strip() or '?'}); wait for it to "
+                 "finish, or give this one another --sweep-dir")
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle                                          # open for the sweep's life: the lock is held
+
+
+def unfinished_jobs(args, kind):
+    """The sweep's runs still to do: not finished, or finished but damaged (redone, with a warning)."""
     jobs = []
     for group_jobs in sweep_jobs(args, kind).values():
         for job in group_jobs:
             if (job.out / "summary.json").exists():
-                check_same_settings(job.out, job)
-                continue                                   # never overwrite a finished run
+                if (problem := check_run(job.out)) is None:
+                    check_same_settings(job.out, job)
+                    continue                               # never overwrite a finished run
+                print(f"warning: {problem}: the run is redone", flush=True)
             jobs.append(job)
+    return jobs
+
+
+def run_sweep(args, kind):
+    """Run every run of the sweep that has not finished yet, --workers at a time, then plot."""
+    if args.print_commands:                                # for a scheduler: one line per run still to do
+        print("\n".join(command_line(job) for job in unfinished_jobs(args, kind)))
+        return
+    lock = lock_sweep(args.sweep_dir / kind)
+    jobs = unfinished_jobs(args, kind)
     total = sum(len(g) for g in sweep_jobs(args, kind).values())
     steps_per_run = math.prod(rollout_sizes(args))
     print(f"{kind}: {total - len(jobs)}/{total} runs already finished in {args.sweep_dir / kind}; running "
@@ -1197,12 +1326,91 @@ def run_sweep(args, kind):
         {"runs": len(jobs), "wall_s": time.time() - start, "steps": len(jobs) * steps_per_run,
          "aggregate_sps": len(jobs) * steps_per_run / (time.time() - start), "workers": args.workers}, indent=2))
     plot(args)
+    lock.close()
     if failed:
-        sys.exit(f"error: {len(failed)} run(s) failed; the others are kept:\n" + "\n".join(failed))
+        fail(f"{len(failed)} run(s) failed; the others are kept:\n" + "\n".join(failed))
 
 
 # ------------------------------------------------------------------------------------------------------
-# 14. Plots: Figure 3, the collapse figure, a figure for every run
+# 14. Statistics: interval estimates (Agarwal et al. 2021, "Deep RL at the Edge of the Statistical Precipice",
+# the rliable library) and a power estimate (Colas et al. 2019). With one task and n seeds, rliable's stratified
+# bootstrap is the ordinary bootstrap over the n per-seed numbers.
+BOOTSTRAP_RESAMPLES = 20_000   # rliable's default is 50,000; 20,000 puts the interval's ends within ~1% of it
+BOOTSTRAP_SEED = 0             # a fixed generator: the same runs always give the same interval
+# The pairs that the paper's claims compare (Section 3): (better, worse) as the paper has it.
+CLAIM_PAIRS = [(2, 1), (2, 3), (4, 3), (2, 4)]
+
+
+def iqm(x):
+    """Interquartile mean over the last axis: the mean of the middle 50% (rliable: trim 25% from each end)."""
+    x = np.sort(np.asarray(x, dtype=float), axis=-1)
+    cut = int(0.25 * x.shape[-1])
+    return x[..., cut:x.shape[-1] - cut].mean(-1)
+
+
+def probability_of_improvement(x, y):
+    """P(X > Y): the chance that a run of X beats a run of Y, ties counted half (the Mann-Whitney U over n_x n_y).
+    x (..., n_x) and y (..., n_y) may carry leading bootstrap axes."""
+    x, y = np.asarray(x, dtype=float)[..., :, None], np.asarray(y, dtype=float)[..., None, :]
+    return ((x > y) + 0.5 * (x == y)).mean((-2, -1))
+
+
+def bootstrap_interval(statistic, *samples, resamples=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED):
+    """(point estimate, low, high): the 95% percentile-bootstrap interval of statistic(*samples), each sample
+    resampled with replacement on its own (rliable's stratified bootstrap, one task)."""
+    rng = np.random.default_rng(seed)
+    draws = [np.asarray(x, dtype=float)[rng.integers(0, len(x), size=(resamples, len(x)))] for x in samples]
+    low, high = np.percentile(statistic(*draws), [2.5, 97.5])
+    return float(statistic(*samples)), float(low), float(high)
+
+
+def seeds_needed(x, y, alpha=0.05, power=0.8):
+    """Seeds per group for a two-sided Welch t-test to detect the observed difference of means with the given
+    power (Colas et al. 2019), with the normal approximation: n = 2 (z_a + z_b)^2 s^2 / delta^2, s^2 the mean of
+    the two sample variances. Slightly optimistic at small n. None when the two means are equal."""
+    z = {0.05: 1.959964, 0.8: 0.841621}
+    delta, variance = np.mean(x) - np.mean(y), (np.var(x, ddof=1) + np.var(y, ddof=1)) / 2
+    return math.ceil(2 * (z[alpha] + z[power]) ** 2 * variance / delta ** 2) if delta else None
+
+
+def run_measures(runs):
+    """Each seed's two measures: the final return (the running average of the last --window episodes at the
+    end) and the area under the learning curve (the mean running-average return over the run: how fast)."""
+    return {"final": runs["return"][:, -1], "auc": np.nanmean(runs["return"], axis=1)}
+
+
+def interval_columns(runs):
+    row = {}
+    for measure, values in run_measures(runs).items():
+        point, low, high = bootstrap_interval(iqm, values)
+        row.update({f"{measure}_iqm": f"{point:.1f}", f"{measure}_ci_low": f"{low:.1f}", f"{measure}_ci_high": f"{high:.1f}"})
+    return row
+
+
+def comparisons(sweep, pairs):
+    """One row per (pair, measure): the IQM difference and P(X > Y), each with its 95% interval, the verdict, and
+    the seeds per group a Welch t-test would need to resolve a difference of this size."""
+    rows = []
+    for a, b in pairs:
+        if a not in sweep or b not in sweep:
+            continue
+        for measure in ("final", "auc"):
+            x, y = run_measures(sweep[a])[measure], run_measures(sweep[b])[measure]
+            diff = bootstrap_interval(lambda u, v: iqm(u) - iqm(v), x, y)
+            poi = bootstrap_interval(probability_of_improvement, x, y)
+            resolved = diff[1] > 0 or diff[2] < 0 or poi[1] > 0.5 or poi[2] < 0.5
+            better = a if diff[1] > 0 or poi[1] > 0.5 else b
+            rows.append({"x": a, "y": b, "measure": measure, "n_x": len(x), "n_y": len(y),
+                         "iqm_difference": f"{diff[0]:.1f}", "diff_ci_low": f"{diff[1]:.1f}",
+                         "diff_ci_high": f"{diff[2]:.1f}", "p_x_beats_y": f"{poi[0]:.2f}",
+                         "p_ci_low": f"{poi[1]:.2f}", "p_ci_high": f"{poi[2]:.2f}",
+                         "verdict": f"{better} better" if resolved else f"not resolved at n = {min(len(x), len(y))}",
+                         "seeds_needed": seeds_needed(x, y) or ""})
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------------
+# 15. Plots: Figure 3, the collapse figure, a figure for every run
 
 
 def running_average_curve(episodes, grid, window):
@@ -1240,12 +1448,19 @@ def load_runs(run_dirs, grid, window):
 
 
 def load_sweep(args, kind, grid):
+    """{group: curves} of every finished run in the sweep's folder, whatever its seed (so runs made by a scheduler
+    are collected too); a damaged run is skipped with a warning."""
     sweep = {}
-    for group, jobs in sweep_jobs(args, kind).items():
-        finished = [job.out for job in jobs if (job.out / "summary.json").exists()]
-        for job in jobs:
-            if (job.out / "summary.json").exists():
-                check_same_settings(job.out, job)
+    for group, name in sweep_groups(kind).items():
+        finished = []
+        for run in sorted(finished_runs(args.sweep_dir / kind), key=lambda d: int(d.name.rsplit("seed", 1)[1])):
+            if run.name.rsplit("-seed", 1)[0] != name:
+                continue
+            if (problem := check_run(run)) is not None:
+                print(f"warning: {problem}: this run is left out", flush=True)
+                continue
+            check_same_settings(run, sweep_job(args, kind, group, int(run.name.rsplit("seed", 1)[1])))
+            finished.append(run)
         if finished:
             sweep[group] = load_runs(finished, grid, args.window)
     return sweep
@@ -1434,12 +1649,12 @@ def plot_observation(args, plt):
 
 
 # ------------------------------------------------------------------------------------------------------
-# 15. Using a trained agent: load, evaluate, animate
+# 16. Using a trained agent: load, evaluate, animate
 
 
 def load_run(run_dir, device="cpu"):
     """Rebuild a finished run's networks from its config.json and model.pt."""
-    run_args = argparse.Namespace(**json.loads((run_dir / "config.json").read_text()))
+    run_args = argparse.Namespace(**read_config(run_dir))
     nets = make_networks(run_args, num_actions=2)
     weights = torch.load(run_dir / "model.pt", map_location=device)
     for name, net in nets.items():
@@ -1546,6 +1761,8 @@ def main(argv=None):
         sys.exit(f"\ninterrupted: the logs so far are in {args.out}" if args.out else "\ninterrupted")
     except FloatingPointError as error:
         sys.exit(f"error: {error}; the logs so far are in {args.out}")
+    except OSError as error:          # a failed write (disk full, permissions): one line, the rows so far stay
+        fail(f"writing to {args.out or args.plots_dir} failed ({error}); the rows written so far are kept")
 
 
 if __name__ == "__main__":
