@@ -1,14 +1,12 @@
 """
 jepa_cartpole.py: a Joint-Embedding Predictive Architecture (JEPA) that trains a PPO agent on pixel Cart Pole.
 
-A single-file reference implementation of
-    Kenneweg, Kenneweg & Hammer, "JEPA for RL: Investigating Joint-Embedding Predictive Architectures
-    for Reinforcement Learning", ESANN 2025 (arXiv 2504.16591).
-
-The idea: a vision transformer trained with a JEPA loss (predict the embedding of the *next* frames from the
-embedding of the current ones, in latent space, never in pixels) learns a compact state s_x for a PPO agent.
-The paper reports that the JEPA loss alone collapses (every image -> the same embedding) and that the RL
-gradients or a variance regulariser prevent it. The README says what our runs show.
+A single-file reference implementation of Kenneweg, Kenneweg & Hammer, "JEPA for RL: Investigating Joint-Embedding
+Predictive Architectures for Reinforcement Learning", ESANN 2025 (arXiv 2504.16591). The idea: a vision transformer
+trained with a JEPA loss (predict the embedding of the *next* frames from the embedding of the current ones, in
+latent space, never in pixels) learns a compact state s_x for a PPO agent. The paper reports that the JEPA loss alone
+collapses (every image -> the same embedding) and that the RL gradients or a variance regulariser prevent it. The
+README says what our runs show.
 
     frames f(t-2) f(t-1) f(t)                  frames f(t-1) f(t) f(t+1)
               |                                           |
@@ -28,14 +26,12 @@ The paper's four configurations (Section 3, Figure 3):
     python jepa_cartpole.py --jepa    --no-rl-grad --reg      # 4: JEPA + regulariser (the paper: no collapse)
 
 Part 1, the method, follows the paper: settings, pixel Cart Pole, x-encoder, y-encoder, predictor, losses, PPO,
-training loop. It is a complete program on its own: `train(build_parser().parse_args())` trains an agent and
-prints one line per update. Part 2 (skip it on a first reading) adds the tools: run folders, diagnostics,
---figure3, --collapse, --plot, --eval, --gif. It reaches into Part 1 only through train()'s `log` argument.
-
-Shapes: N = envs, T = rollout length (steps per env), F = 3 frames, H x W = pixels of a frame, p = patch side,
-R x C = patch rows x columns, P = R * C patches per frame, L = 1 + F * P tokens (CLS first), Q = tokens that get
-an output (L, or 1 in the last block), D = d = width of s_x, nh = attention heads, hs = D / nh, A = actions (2).
-B = any batch of windows an encoder reads; M = one minibatch of the N * T transitions of a rollout.
+training loop. It is a complete program: `train(build_parser().parse_args())` trains and prints a line per update.
+Part 2 (skip it on a first reading) adds the tools (run folders, diagnostics, --figure3, --collapse, --plot,
+--eval, --gif); it reaches into Part 1 only through train()'s `log` argument.
+Shapes: N envs, T steps per env in a rollout, F = 3 frames of H x W pixels, p x p pixels a patch, R x C patches a frame
+(P = R * C), L = 1 + F * P tokens (CLS first), Q tokens that get an output (L, or 1 in the last block), D = d = width
+of s_x, nh heads of width hs = D / nh, A = 2 actions, B a batch of windows, M a minibatch of a rollout's N * T steps.
 """
 
 import argparse
@@ -57,20 +53,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-try:
-    import fcntl                       # Part 2's sweep lock; POSIX only (elsewhere sweeps run without it)
-except ImportError:
-    fcntl = None
-
 # ======================================================================================================
 # PART 1: THE METHOD
 # ======================================================================================================
 
-# ------------------------------------------------------------------------------------------------------
-# 1. Settings
-# What the paper fixes has the paper's value as default (d = 64, tau = 0.99, the three switches, 100k steps).
-# What it leaves open (image size, ViT size, PPO settings) is our choice; each help text says why.
-
+# ---- 1. Settings --------------------------------------------------------------------------------------------------
+# What the paper fixes has the paper's value as default (d = 64, tau = 0.99, the three switches, 100k steps); what
+# it leaves open (image size, ViT size, PPO settings) is our choice, and each help text says why.
 
 def build_parser():
     p = argparse.ArgumentParser(description="JEPA + PPO on pixel Cart Pole (Kenneweg et al., ESANN 2025).",
@@ -78,8 +67,8 @@ def build_parser():
     on_off = argparse.BooleanOptionalAction
     # --- the paper's three switches (with no flags: configuration 2)
     p.add_argument("--jepa", action=on_off, default=True, help="add the JEPA loss of Eq. 1 to the loss (Eq. 3)")
-    p.add_argument("--rl-grad", action=on_off, default=True,
-                   help="let the actor and critic gradients flow into the x-encoder (--no-rl-grad detaches s_x)")
+    p.add_argument("--rl-grad", action=on_off, default=True, help="let the actor and critic gradients flow into "
+                   "the x-encoder (--no-rl-grad detaches s_x)")
     p.add_argument("--reg", action=on_off, default=False, help="add the variance regulariser of Eq. 2")
     # --- the run (Part 2 adds --threads, --out, --overwrite and --window)
     p.add_argument("--seed", type=int, default=1, help="seeds torch, numpy and the environments")
@@ -94,47 +83,38 @@ def build_parser():
     p.add_argument("--depth", type=int, default=2, help="transformer blocks in each encoder")
     p.add_argument("--heads", type=int, default=4, help="attention heads per block")
     p.add_argument("--mlp-ratio", type=int, default=2, help="hidden width of the block MLP, in units of d")
-    p.add_argument("--final-norm", action=on_off, default=True, help="LayerNorm on the CLS output, as in a "
-                   "standard ViT (the paper does not say); without it configuration 2 learned slower in a tuning run")
-    p.add_argument("--frame-index", action=on_off, default=True, help="encode each token's frame in its position "
-                   "(the paper); --no-frame-index makes the three frames an unordered set (README: exercises)")
+    p.add_argument("--final-norm", action=on_off, default=True, help="LayerNorm on s_x as in a standard ViT (the "
+                   "paper does not say); without it configuration 2 learned slower in a tuning run")
+    p.add_argument("--frame-index", action=on_off, default=True, help="the frame index in the positional encoding")
     # --- JEPA (the paper fixes tau = 0.99 and the unweighted sum of Eq. 3)
     p.add_argument("--predictor-hidden", type=int, default=128, help="hidden width of the two-layer predictor")
-    p.add_argument("--ema-tau", type=float, default=0.99,
-                   help="y-encoder EMA rate: theta_y <- tau*theta_y + (1-tau)*theta_x (paper: 0.99)")
+    p.add_argument("--ema-tau", type=float, default=0.99, help="the y-encoder's EMA rate tau (paper: 0.99)")
     p.add_argument("--jepa-coef", type=float, default=1.0, help="weight of Eq. 1 in Eq. 3 (paper: 1)")
     p.add_argument("--reg-coef", type=float, default=1.0, help="weight of Eq. 2 in Eq. 3 (paper: 1)")
-    p.add_argument("--fresh-targets", action=on_off, default=False,
-                   help="recompute s_y for every minibatch with the current y-encoder (slower); default: once per "
-                        "rollout, with the y-encoder as the update begins (see train)")
+    p.add_argument("--fresh-targets", action=on_off, default=False, help="s_y for every minibatch from the current "
+                   "y-encoder (slower); default: once per rollout (see train)")
     # --- PPO: CleanRL's ppo.py, except 16 envs x 32 steps (CleanRL: 4 x 128, the same 512 per rollout), one hidden
     #     layer per head (CleanRL: two), and every value whose help says otherwise. gamma, lambda, entropy and lr
     #     were tuned on seeds 101-103 (README: what mattered): configuration 2's mean return at 100k, 135 -> 362.
     p.add_argument("--num-steps", type=int, default=32, help="rollout length per env between updates")
-    p.add_argument("--num-minibatches", type=int, default=8,
-                   help="minibatches per epoch: 8 of at most 64 transitions (autoreset steps are left out), twice "
-                        "CleanRL's optimiser steps per rollout, which the ViT needs")
+    p.add_argument("--num-minibatches", type=int, default=8, help="minibatches per epoch: 8 of at most 64 "
+                   "(autoreset steps are left out), twice CleanRL's optimiser steps, which the ViT needs")
     p.add_argument("--update-epochs", type=int, default=4, help="passes over each rollout")
-    p.add_argument("--learning-rate", type=float, default=1e-3,
-                   help="AdamW learning rate (the predictor's: x --predictor-lr-scale); CleanRL's 2.5e-4 was too slow")
-    p.add_argument("--predictor-lr-scale", type=float, default=1.0,
-                   help="the predictor's learning rate as a multiple of --learning-rate (a collapse lever, README)")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on all trained networks "
-                   "(0: plain Adam; a collapse lever, README)")
+    p.add_argument("--learning-rate", type=float, default=1e-3, help="AdamW learning rate; CleanRL's 2.5e-4 was slow")
+    p.add_argument("--predictor-lr-scale", type=float, default=1.0, help="the predictor's lr / --learning-rate")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on all trained networks")
     p.add_argument("--anneal-lr", action=on_off, default=True, help="decay the learning rate linearly to 0")
     p.add_argument("--gamma", type=float, default=0.98, help="discount factor (RL Zoo's for Cart Pole)")
     p.add_argument("--gae-lambda", type=float, default=0.8, help="lambda of the advantage estimate (RL Zoo's)")
     p.add_argument("--clip-coef", type=float, default=0.2, help="PPO ratio clipping")
     p.add_argument("--ent-coef", type=float, default=0.0, help="entropy bonus weight (RL Zoo's)")
     p.add_argument("--vf-coef", type=float, default=0.5, help="value loss weight (no value clipping)")
-    p.add_argument("--max-grad-norm", type=float, default=5.0,
-                   help="gradient clipping over all trained networks; not CleanRL's 0.5: the JEPA loss brings "
-                        "gradient norms of ~100 early on, and 0.5 learned slower in our round-1 tuning (README)")
+    p.add_argument("--max-grad-norm", type=float, default=5.0, help="gradient clipping over all trained networks; "
+                   "CleanRL's 0.5 learned slower in our round-1 tuning (README): JEPA's early gradient norms are ~100")
     return p   # Part 2 adds the tools' flags, and checks every value's range before a run starts
 
 
-# ------------------------------------------------------------------------------------------------------
-# 2. Pixel Cart Pole (paper Section 3: "Cart Pole ... using pixel observations")
+# ---- 2. Pixel Cart Pole (paper Section 3: "Cart Pole ... using pixel observations") -------------------------------
 # Physics: gymnasium's CartPole-v1, vectorised. The agent never sees the 4-number state; we use it only to
 # *draw* the frame. We draw gymnasium's own scene (a 600 x 400 screen showing 4.8 world units of track)
 # straight at the network's resolution, in grayscale (gymnasium's colours as luma: shapes carry the state,
@@ -192,7 +172,6 @@ def push_frame(windows, frames, episode_start):
 
 def step_pixels(envs, actions, window, previous_episode_end, render):
     """One step of N pixel Cart Poles, with gymnasium 1.x "next-step" autoreset.
-
     After an episode ends, gymnasium's NEXT step() ignores the action and returns the first observation of a new
     episode with reward 0. That step is not a real transition: valid = False there, and no loss uses it.
     Returns (window, states, reward, terminated, episode_end, valid), episode_end = terminated or truncated.
@@ -202,14 +181,12 @@ def step_pixels(envs, actions, window, previous_episode_end, render):
     return window, states, reward, terminated, terminated | truncated, ~previous_episode_end
 
 
-# ------------------------------------------------------------------------------------------------------
-# 3. x-encoder (paper Section 2, "Input and Encoder")
+# ---- 3. x-encoder (paper Section 2, "Input and Encoder") ----------------------------------------------------------
 # A small vision transformer. The patches of all three frames enter ONE transformer together, so attention can
-# compare the cart in f(t-2) with the cart in f(t): that is where velocity comes from. Each token's positional
-# encoding encodes its patch row, its patch column AND its frame index (without the frame index the frames
-# would be an unordered set and the direction of motion would be lost). A learnable CLS token is prepended;
-# only its last-layer output, s_x (width d = 64), is used downstream.
-
+# compare the cart in f(t-2) with the cart in f(t): one frame shows where things are, three show how they move.
+# Each token's positional encoding encodes its patch row, its patch column AND its frame index (without it the
+# frames are an unordered set: README, exercise 2). A learnable CLS token is prepended; its last-layer output,
+# s_x (width d = 64), is the state.
 
 class Block(nn.Module):
     """Pre-norm transformer block: x + Attention(LN(x)), then x + MLP(LN(x))."""
@@ -218,8 +195,7 @@ class Block(nn.Module):
         super().__init__()
         self.heads = heads
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
 
     def forward(self, x, num_queries=None):     # (B, L, D); num_queries=Q: outputs for the first Q tokens only
@@ -245,7 +221,6 @@ class ViTEncoder(nn.Module):
     def __init__(self, image_height, image_width, patch_size, dim, depth, heads, mlp_ratio, final_norm=True,
                  frame_index=True):
         super().__init__()
-        self.frame_index = frame_index
         self.patch_size, self.rows, self.cols = patch_size, image_height // patch_size, image_width // patch_size
         # Patch embedding as in the ViT paper: flatten each p x p patch, one linear map shared by all patches.
         self.patch_embed = nn.Linear(patch_size * patch_size, dim)
@@ -257,6 +232,7 @@ class ViTEncoder(nn.Module):
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio) for _ in range(depth))
         # A final LayerNorm fixes each s's scale across its d features (up to a learned gain and bias).
         self.norm = nn.LayerNorm(dim) if final_norm else nn.Identity()
+        self.frame_index = frame_index                                 # False: --no-frame-index
 
     def positional_encoding(self):
         frame = self.frame_pos if self.frame_index else 0 * self.frame_pos   # --no-frame-index: frames unordered
@@ -264,8 +240,7 @@ class ViTEncoder(nn.Module):
         return pos.flatten(0, 2)                                       # (F*R*C, D), in the token order below
 
     def forward(self, windows):                                        # (B, F, H, W) uint8
-        B, Fr, H, W = windows.shape
-        R, C, p = self.rows, self.cols, self.patch_size
+        (B, Fr, H, W), R, C, p = windows.shape, self.rows, self.cols, self.patch_size
         ink = 1.0 - windows.float() / 255.0        # 0 on the white sky, 1 on the black cart: empty patches ~ 0
         patches = ink.view(B, Fr, R, p, C, p).permute(0, 1, 2, 4, 3, 5).reshape(B, Fr * R * C, p * p)  # (B, 3P, p*p)
         x = self.patch_embed(patches) + self.positional_encoding()    # (B, 3P, D)
@@ -276,15 +251,11 @@ class ViTEncoder(nn.Module):
         return self.norm(x[:, 0])                                      # (B, D)  s = the CLS token
 
 
-# ------------------------------------------------------------------------------------------------------
-# 4. y-encoder: an exponential moving average of the x-encoder (paper Section 2, "Input and Encoder")
-# Same architecture, same initial weights (a deep copy). It reads the window one step later,
-# [f(t-1), f(t), f(t+1)], which is exactly the x-encoder's NEXT input: s_y is "the embedding of where the system
-# went". It never receives gradients (requires_grad_(False), and it is not in the optimiser). After every
-# optimiser step its weights follow the x-encoder's, in every configuration (with --no-jepa nothing reads it,
-# but model.pt's y-encoder is still the x-encoder's EMA):
-#     theta_y <- tau * theta_y + (1 - tau) * theta_x,   tau = 0.99
-
+# ---- 4. y-encoder: an exponential moving average of the x-encoder (paper Section 2, "Input and Encoder") ----------
+# Same architecture, same initial weights (a deep copy). It reads the window one step later, [f(t-1), f(t), f(t+1)],
+# exactly the x-encoder's NEXT input: s_y is "the embedding of where the system went". It never receives gradients
+# (requires_grad_(False), not in the optimiser). After every optimiser step, in every configuration (with --no-jepa
+# nothing reads it, but model.pt's y-encoder is still the EMA):  theta_y <- tau * theta_y + (1 - tau) * theta_x
 
 def make_y_encoder(x_encoder):
     return copy.deepcopy(x_encoder).requires_grad_(False)
@@ -296,14 +267,10 @@ def ema_update(y_encoder, x_encoder, tau):
         theta_y.lerp_(theta_x, 1.0 - tau)            # theta_y + (1 - tau) * (theta_x - theta_y)
 
 
-# ------------------------------------------------------------------------------------------------------
-# 5. Predictor (paper Section 2, "Predictor")
-# Shallow on purpose, so that the work of predicting is done in the embedding, not in the predictor (the paper
-# says two layers; whether shallow matters is an exercise in the README). It needs the action: the next frames
-# depend on which way the cart was pushed. (A JEPA's predictor may take a latent variable z for what the input
-# cannot tell about the target; here the known action plays that part.) The one-hot action is projected to the
-# hidden width and added after the first layer, before its ReLU.
-
+# ---- 5. Predictor (paper Section 2, "Predictor") ------------------------------------------------------------------
+# Two layers, as the paper says. It needs the action: the next frames depend on which way the cart was pushed (a
+# JEPA's predictor may take a latent variable z for what the input cannot tell; here the known action is that z).
+# The one-hot action is projected to the hidden width and added after the first layer, before its ReLU.
 
 class Predictor(nn.Module):
     def __init__(self, dim, hidden, num_actions):
@@ -319,14 +286,10 @@ class Predictor(nn.Module):
         return self.fc2(hidden)                                       # (B, D)  the prediction of s_y
 
 
-# ------------------------------------------------------------------------------------------------------
-# 6. Losses and the collapse indicator (paper Section 2, Eq. 1-2; Eq. 3 is written in the training step)
-
-
+# ---- 6. Losses and the collapse indicator (paper Section 2, Eq. 1-2; Eq. 3 is written in the training step) -------
 def jepa_loss(s_y_pred, s_y):
-    # Eq. 1: L_jepa = || s_y_pred - s_y ||_2^2, averaged over the batch. The paper says "Euclidean distance"; we
-    # use its square, the usual JEPA/BYOL choice: its gradient 2 (pred - s_y) shrinks smoothly to 0 at a perfect
-    # prediction, while the plain distance's gradient has length 1 however close the prediction is.
+    # Eq. 1: L_jepa = || s_y_pred - s_y ||_2^2, averaged over the batch. The paper says "Euclidean distance"; we use
+    # its square (as JEPA and BYOL do): its gradient shrinks to 0 at a perfect prediction; the distance's stays 1.
     return (s_y_pred - s_y).pow(2).sum(dim=-1).mean()
 
 
@@ -345,11 +308,9 @@ def variance_regulariser(s_x):
     return -torch.clamp(embedding_variance(s_x), max=1.0)
 
 
-# ------------------------------------------------------------------------------------------------------
-# 7. PPO actor-critic (paper Section 3: "an actor-critic-style PPO algorithm")
+# ---- 7. PPO actor-critic (paper Section 3: "an actor-critic-style PPO algorithm") ---------------------------------
 # Standard clipped PPO as in CleanRL (without its optional value-loss clipping), acting on s_x through two small
 # heads. Whether their gradients reach the encoder is the --rl-grad switch, in the training step below.
-
 
 def layer_init(layer, std=np.sqrt(2), bias=0.0):
     nn.init.orthogonal_(layer.weight, std)
@@ -366,7 +327,6 @@ def make_heads(dim, num_actions, hidden=64):
 
 def compute_gae(rewards, values, terminated, episode_end, gamma, gae_lambda):
     """Generalised advantage estimation. rewards, terminated, episode_end: (T, N); values: (T+1, N).
-
     A termination (the pole fell) has no future: V(next) counts as 0. A truncation (the 500-step limit) is not a
     failure: the future is bootstrapped with V of the final window, which the next-step autoreset still hands
     us. Either way the recursion stops at the episode's end. Returns (advantages, returns), both (T, N).
@@ -396,9 +356,7 @@ def ppo_losses(logits, values, mb, clip_coef):
     return policy_loss, value_loss, dist.entropy().mean(), approx_kl
 
 
-# ------------------------------------------------------------------------------------------------------
-# 8. The training step and the training loop (flat, CleanRL style)
-
+# ---- 8. The training step and the training loop (flat, CleanRL style) ---------------------------------------------
 def make_networks(args, num_actions):
     x_encoder = ViTEncoder(args.image_height, args.image_width, args.patch_size, args.embed_dim, args.depth,
                            args.heads, args.mlp_ratio, final_norm=args.final_norm, frame_index=args.frame_index)
@@ -409,9 +367,8 @@ def make_networks(args, num_actions):
 
 
 def make_optimizer(nets, args):
-    # The y-encoder is deliberately absent: it learns only through the EMA. AdamW with weight decay 0 is Adam.
-    # base_lr: each group's rate before train() anneals it (the predictor's may be scaled, a collapse lever).
-    # fused=True: speed, same result (one kernel for all tensors: 0.8 against 3.6 ms per step, README; tested).
+    # No y-encoder: it learns only through the EMA. AdamW with weight decay 0 is Adam. base_lr: a group's rate before
+    # train() anneals it. fused=True: speed, same result (0.8 against 3.6 ms per step, README; a test compares).
     return torch.optim.AdamW(
         [{"params": [p for k in ("x_encoder", "actor", "critic") for p in nets[k].parameters()],
           "lr": args.learning_rate, "base_lr": args.learning_rate},
@@ -468,53 +425,42 @@ def training_step(nets, optimizer, mb, args):
 
 
 class ConsoleLog:
-    """The one door from the method to the tools. train() calls update() once per update, in one block at the
-    end of the iteration, with the update's numbers and the rollout they came from, and finish() at the end.
-    This default counts the episodes and prints one line per update; Part 2's RunLog adds files and diagnostics."""
+    """The door to the tools: train() calls update() once per update, in one block at the end of the iteration, and
+    finish() once. This default counts episodes and prints a line per update; Part 2's RunLog adds files."""
 
     def __init__(self, window=20):
         self.window, self.returns, self.open_episodes, self.start = window, [], None, time.time()
 
-    def episodes(self, rollout, first_step):
-        """[(step, return, length)] of the episodes that ended in this rollout; steps count every env's steps."""
+    def record(self, step, numbers, rollout):
+        """The update's row (with the mean return of the last `window` episodes) and its rollout's ended episodes."""
         rewards, valid, ended = (rollout[k].numpy() for k in ("rewards", "valid", "episode_end"))   # (T, N) each
         T, N = rewards.shape
-        if self.open_episodes is None:
-            self.open_episodes = np.zeros(N), np.zeros(N, dtype=int)    # each env's running return and length
-        returns, lengths = self.open_episodes
+        returns, lengths = self.open_episodes or (np.zeros(N), np.zeros(N, dtype=int))  # each env's, so far
         finished = []
         for t in range(T):
-            returns += rewards[t]                                       # reward is 0 on an autoreset step
+            returns += rewards[t]                                      # reward is 0 on an autoreset step
             lengths += valid[t]
             for i in np.flatnonzero(ended[t]):
-                finished.append((first_step + (t + 1) * N, returns[i], lengths[i]))
+                finished.append((step - (T - 1 - t) * N, returns[i], lengths[i]))
                 returns[i], lengths[i] = 0.0, 0
-        return finished
-
-    def record(self, step, numbers, rollout):
-        """The update's row: the training step's numbers, the running-average return and the steps per second."""
-        finished = self.episodes(rollout, step - rollout["rewards"].numel())
-        self.returns += [episode_return for _, episode_return, _ in finished]
+        self.open_episodes, self.returns = (returns, lengths), self.returns + [r for _, r, _ in finished]
         recent = self.returns[-self.window:]
-        row = dict(numbers, step=step, mean_return=float(np.mean(recent)) if recent else float("nan"),
-                   sps=step / (time.time() - self.start))
-        return row, finished
+        return dict(numbers, step=step, mean_return=float(np.mean(recent)) if recent else float("nan"),
+                    sps=step / (time.time() - self.start)), finished
 
-    def line(self, row, diagnostics=""):
-        text = (f"step {row['step']:>7} | sps {row['sps']:4.0f} | return(last {self.window}) {row['mean_return']:5.1f}"
-                f" | embedding var {row['embedding_var']:.1e}{diagnostics} | jepa {row['jepa_loss']:.3f}")
-        if row["embedding_var"] < COLLAPSE_THRESHOLD:
-            text += f"\nwarning: embedding variance below {COLLAPSE_THRESHOLD:g}: the encoder has collapsed"
-        return text
+    def line(self, row):
+        collapsed = "  <- collapsed (variance below 1e-7)" if row["embedding_var"] < COLLAPSE_THRESHOLD else ""
+        return (f"step {row['step']:>7} | sps {row['sps']:4.0f} | return(last {self.window}) {row['mean_return']:5.1f}"
+                f" | embedding var {row['embedding_var']:.1e} | jepa {row['jepa_loss']:.3f}{collapsed}")
 
     def update(self, update, num_updates, step, numbers, nets, rollout):
-        self.last_row, _ = self.record(step, numbers, rollout)
-        print(self.line(self.last_row), flush=True)
+        self.row, _ = self.record(step, numbers, rollout)
+        print(self.line(self.row), flush=True)
 
     def finish(self, nets):
         wall = time.time() - self.start
-        return {"steps": self.last_row["step"], "wall_s": wall, "sps": self.last_row["step"] / wall,
-                "final_mean_return": self.last_row["mean_return"], "return_window_episodes": self.window}
+        return {"steps": self.row["step"], "wall_s": wall, "sps": self.row["step"] / wall,
+                "final_mean_return": self.row["mean_return"], "return_window_episodes": self.window}
 
 
 def train(args, render=None, log=None):
@@ -543,8 +489,7 @@ def train(args, render=None, log=None):
 
     states, _ = envs.reset(seed=args.seed)
     window = push_frame(np.zeros((N, 3, H, W), np.uint8), render(states), np.ones(N, bool))  # (N, 3, H, W)
-    previous_episode_end = np.zeros(N, dtype=bool)
-    global_step = 0
+    previous_episode_end, global_step = np.zeros(N, dtype=bool), 0
 
     for update in range(1, num_updates + 1):
         if args.anneal_lr:                  # linearly from base_lr at the first update towards 0 after the last
@@ -572,10 +517,9 @@ def train(args, render=None, log=None):
         next_windows = windows[1:].flatten(0, 1)                    # (N*T, 3, H, W): the y-encoder's inputs
         with torch.inference_mode():
             values[T] = critic(x_encoder(windows[T].to(device))).squeeze(-1).cpu()   # bootstrap value
-            # Speed, NOT the same result: s_y = y-encoder(windows[t+1]) once per rollout, by the y-encoder as the
-            # update begins. The EMA still runs after every optimiser step, so the targets lag it by up to
-            # update_epochs * num_minibatches - 1 steps (31 at the defaults; in 32 steps the y-encoder moves
-            # 1 - 0.99^32 = 27% of the way to the x-encoder). --fresh-targets computes them per minibatch instead
+            # Speed, NOT the same result: s_y = y-encoder(windows[t+1]) once per rollout, as the update begins. The EMA
+            # runs after every optimiser step, so the targets lag it by up to epochs x minibatches - 1 steps (31 at the
+            # defaults; in 32 steps the y-encoder moves 1 - 0.99^32 = 27% of the way). --fresh-targets: per minibatch
             # (slower; README: speed). Without the lag a slow predictor did not collapse JEPA (README: collapse).
             s_y = (torch.cat([y_encoder(w.to(device)) for w in next_windows.split(256)])
                    if args.jepa and not args.fresh_targets else torch.zeros(batch_size, D))   # (N*T, D)
@@ -597,9 +541,8 @@ def train(args, render=None, log=None):
         # ---- 4. Log, in one block: the update's numbers (minibatch means) and its rollout go to the logger.
         numbers = {k: np.mean([step_numbers[k] for step_numbers in logged]) for k in logged[0]}
         numbers["learning_rate"] = optimizer.param_groups[0]["lr"]
-        log.update(update, num_updates, global_step, numbers, nets, rollout=dict(
-            windows=windows, s_x=rollout_s_x, states=rollout_states, rewards=rewards, valid=valid,
-            episode_end=episode_end))
+        log.update(update, num_updates, global_step, numbers, nets, rollout=dict(windows=windows, s_x=rollout_s_x,
+                   states=rollout_states, rewards=rewards, valid=valid, episode_end=episode_end))
 
     envs.close()
     return log.finish(nets), nets
@@ -612,8 +555,7 @@ def train(args, render=None, log=None):
 # linear probe, gymnasium's renderer for checking ours, the state-based PPO reference, the Figure 3 and
 # collapse sweeps with their plots, evaluation and the GIF of a trained agent.
 
-# ------------------------------------------------------------------------------------------------------
-# 9. The tools' flags, the range check of every flag, and a run's log files
+# ---- 9. The tools' flags, the range check of every flag, and a run's log files ------------------------------------
 
 CONFIGURATIONS_HELP = """
 the paper's four configurations (Section 3):
@@ -839,17 +781,18 @@ class RunLog(ConsoleLog):
         self.updates_csv.writerow(row)
         self.episodes_file.flush()
         self.updates_file.flush()
-        self.last_row = row
+        self.row = row
         if math.isfinite(row["probe_r2_theta"]):                       # the console shows the latest probe
             self.probe_theta = row["probe_r2_theta"]
         print(self.line(row), flush=True)
 
-    def line(self, row):
-        return super().line(row, f" | eff. rank {row['effective_rank']:4.1f} | probe R2 theta {self.probe_theta:5.2f}")
+    def line(self, row):                                               # Part 1's line, with the diagnostics
+        return super().line(row).replace(" | jepa", f" | eff. rank {row['effective_rank']:4.1f} | probe R2 theta "
+                                                    f"{self.probe_theta:5.2f} | jepa", 1)
 
     def finish(self, nets):
-        summary = {**super().finish(nets), "final_embedding_var": self.last_row["embedding_var"],
-                   "final_effective_rank": self.last_row["effective_rank"]}
+        summary = {**super().finish(nets), "final_embedding_var": self.row["embedding_var"],
+                   "final_effective_rank": self.row["effective_rank"]}
         self.episodes_file.close()
         self.updates_file.close()
         torch.save({k: net.state_dict() for k, net in nets.items()}, self.out / "model.pt")
@@ -859,8 +802,7 @@ class RunLog(ConsoleLog):
         return summary
 
 
-# ------------------------------------------------------------------------------------------------------
-# 10. What the embedding knows: effective rank and a linear probe of the true state (not in the paper)
+# ---- 10. What the embedding knows: effective rank and a linear probe of the true state (not in the paper) ---------
 STATE_NAMES = ["x", "x_dot", "theta", "theta_dot"]
 
 
@@ -952,8 +894,7 @@ def onpolicy_probe_r2(x_encoder, recent_rollouts, device):
     return {f"onpolicy_r2_{name}": value for name, value in zip(STATE_NAMES, r2.tolist())}
 
 
-# ------------------------------------------------------------------------------------------------------
-# 11. gymnasium's own renderer, to check ours (a test compares them) and to time it
+# ---- 11. gymnasium's own renderer, to check ours (a test compares them) and to time it ----------------------------
 SCREEN_HEIGHT = 400.0
 
 
@@ -1008,8 +949,7 @@ def benchmark_renderer(height, width, num_envs, repeats=200):
     return ours, theirs
 
 
-# ------------------------------------------------------------------------------------------------------
-# 12. The state-based reference: PPO on the true 4-number state (not in the paper)
+# ---- 12. The state-based reference: PPO on the true 4-number state (not in the paper) -----------------------------
 # The dashed line of Figure 3: what knowing the true state buys in 100k steps. A separate, well-tuned PPO with
 # its own settings and networks: RL Baselines3 Zoo's tuned CartPole-v1 PPO (hyperparams/ppo.yml), which RL Zoo
 # reports reaching 500 within 1e5 steps (ours: README). It reuses Part 1's GAE and PPO losses; nothing of it
@@ -1110,8 +1050,7 @@ def train_state_reference(seed, total_steps, out, threads=1):
     return summary
 
 
-# ------------------------------------------------------------------------------------------------------
-# 13. Sweeps: Figure 3 (paper Section 3) and the collapse demonstration
+# ---- 13. Sweeps: Figure 3 (paper Section 3) and the collapse demonstration ----------------------------------------
 FIGURE3_CONFIGS = {  # paper number: (jepa, rl_grad, reg, label)
     1: (False, True, False, "1: no JEPA, RL gradients (baseline)"),
     2: (True, True, False, "2: JEPA + RL gradients"),
@@ -1251,6 +1190,10 @@ def last_logged_step(out):
 def lock_sweep(folder):
     """Hold an OS lock on <folder>/sweep.lock for the sweep's life: a second sweep into the same folder is refused.
     The kernel releases it when the process ends in any way, kill -9 included (a lock file alone would stay)."""
+    try:
+        import fcntl                                       # POSIX only: elsewhere a sweep runs without the lock
+    except ImportError:
+        fcntl = None
     folder.mkdir(parents=True, exist_ok=True)
     handle = open(folder / "sweep.lock", "a+")
     if fcntl is not None:
@@ -1331,8 +1274,7 @@ def run_sweep(args, kind):
         fail(f"{len(failed)} run(s) failed; the others are kept:\n" + "\n".join(failed))
 
 
-# ------------------------------------------------------------------------------------------------------
-# 14. Statistics: interval estimates (Agarwal et al. 2021, "Deep RL at the Edge of the Statistical Precipice",
+# ---- 14. Statistics: interval estimates (Agarwal et al. 2021, "Deep RL at the Edge of the Statistical Precipice", ----
 # the rliable library) and a power estimate (Colas et al. 2019). With one task and n seeds, rliable's stratified
 # bootstrap is the ordinary bootstrap over the n per-seed numbers.
 BOOTSTRAP_RESAMPLES = 20_000   # rliable's default is 50,000; 20,000 puts the interval's ends within ~1% of it
@@ -1409,9 +1351,7 @@ def comparisons(sweep, pairs):
     return rows
 
 
-# ------------------------------------------------------------------------------------------------------
-# 15. Plots: Figure 3, the collapse figure, a figure for every run
-
+# ---- 15. Plots: Figure 3, the collapse figure, a figure for every run ---------------------------------------------
 
 def running_average_curve(episodes, grid, window):
     """Mean return of the last `window` episodes finished by each step of `grid` (NaN before the first)."""
@@ -1477,22 +1417,79 @@ def write_csv(path, rows):
         print("| " + " | ".join(str(row.get(k, "")) for k in columns) + " |")
 
 
-def summary_row(runs):
-    """mean +- std over seeds of the return at the end, the per-seed values, and the collapse indicators."""
+def collapse_dynamics(grid, ranks):
+    """One run's collapse by the criterion above: (share of updates after the grace period with effective rank
+    below COLLAPSED_RANK, collapsed?, escape step: a step, "never" (collapsed at the end) or "-" (never collapsed))."""
+    low, after = ranks < COLLAPSED_RANK, grid > COLLAPSE_GRACE_STEPS
+    share = float(low[after].mean())
+    escape = "never" if low[-1] else "-" if not low.any() else int(grid[np.flatnonzero(low)[-1] + 1])
+    return share, share >= COLLAPSED_SHARE, escape
+
+
+def summary_row(runs, grid):
+    """The IQM of the final return and of the area under the curve with their 95% intervals, mean +- std and the
+    per-seed values, and the collapse indicators: the criterion above, and the paper's variance beside it."""
     at_end = runs["return"][:, -1]
-    row = {"seeds": len(runs["seeds"]), "return_mean": f"{at_end.mean():.1f}", "return_std": f"{at_end.std():.1f}",
+    row = {"seeds": len(runs["seeds"]), **interval_columns(runs), "return_mean": f"{at_end.mean():.1f}",
+           "return_std": f"{at_end.std():.1f}",
            "return_per_seed": " ".join(f"{s}:{r:.1f}" for s, r in zip(runs["seeds"], at_end))}
-    if "embedding_var" in runs:   # collapsed: at the end, every embedding on about one line (effective rank < 1.5)
+    if "embedding_var" in runs:
+        dynamics = [collapse_dynamics(grid, ranks) for ranks in runs["effective_rank"]]
+        shares = np.array([share for share, _, _ in dynamics])
+        share_iqm, share_low, share_high = bootstrap_interval(iqm, shares)
         final_var = runs["embedding_var"][:, -1]
-        row.update({"collapsed_seeds": int((runs["effective_rank"][:, -1] < COLLAPSED_RANK).sum()),
-                    "var_below_1e-7_seeds": int((final_var < COLLAPSE_THRESHOLD).sum()),
+        row.update({"collapsed_seeds": sum(collapsed for _, collapsed, _ in dynamics),
+                    "collapsed_share_iqm": f"{share_iqm:.2f}", "collapsed_share_ci_low": f"{share_low:.2f}",
+                    "collapsed_share_ci_high": f"{share_high:.2f}",
+                    "collapsed_share_per_seed": " ".join(f"{s}:{v:.2f}" for s, v in zip(runs["seeds"], shares)),
+                    "escape_step_per_seed": " ".join(f"{s}:{e}" for s, (_, _, e) in zip(runs["seeds"], dynamics)),
+                    "var_below_1e-7_seeds": int((runs["embedding_var"] < COLLAPSE_THRESHOLD).any(1).sum()),
                     "lowest_var": f"{runs['embedding_var'].min():.2g}", "final_var": f"{final_var.mean():.3g}",
                     "final_var_per_seed": " ".join(f"{s}:{v:.2g}" for s, v in zip(runs["seeds"], final_var)),
-                    "final_effective_rank": f"{runs['effective_rank'][:, -1].mean():.1f}",
-                    "probe_r2_theta": f"{runs['probe_r2_theta'][:, -1].mean():.2f}",
-                    "probe_r2_theta_dot": f"{runs['probe_r2_theta_dot'][:, -1].mean():.2f}"})
+                    "final_effective_rank": f"{runs['effective_rank'][:, -1].mean():.1f}"})
+        for kind in ("probe", "onpolicy"):
+            for name in ("theta", "theta_dot"):
+                if f"{kind}_r2_{name}" in runs:
+                    row[f"{kind}_r2_{name}"] = f"{np.nanmean(runs[f'{kind}_r2_{name}'][:, -1]):.2f}"
     row["wall_s_per_run"] = f"{runs['wall_s'].mean():.0f}"
     return row
+
+
+def plot_intervals(args, sweep, labels, plt):
+    """plots/intervals.png, as rliable draws them: per configuration the IQM (tick) and its 95% bootstrap interval
+    (bar) for the final return and for the area under the curve; then P(X > Y) for the paper's pairs."""
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.6))
+    groups = list(sweep)
+    short = {1: "1: no JEPA (baseline)", 2: "2: JEPA + RL gradients", 3: "3: JEPA only", 4: "4: JEPA + regulariser",
+             "state": "state-based reference"}
+    for ax, (measure, title) in zip(axes, [("final", "final return\n(last %d episodes at the end)" % args.window),
+                                           ("auc", "area under the curve\n(mean running-average return over the run)")]):
+        for k, group in enumerate(groups):
+            point, low, high = bootstrap_interval(iqm, run_measures(sweep[group])[measure])
+            ax.barh(k, high - low, left=low, height=0.6, color=COLORS[group], alpha=0.6)
+            ax.plot([point, point], [k - 0.3, k + 0.3], color="black", lw=2)
+            ax.plot(run_measures(sweep[group])[measure], np.full(len(sweep[group]["seeds"]), k), "k.", ms=3, alpha=0.5)
+        ax.set_yticks(range(len(groups)), [f"{short[g]} (n = {len(sweep[g]['seeds'])})" for g in groups], fontsize=9)
+        ax.invert_yaxis()
+        ax.set(title=f"IQM (tick), 95% interval (bar), seeds (dots):\n{title}", xlabel="return")
+        ax.grid(alpha=0.3, axis="x")
+    rows = comparisons(sweep, CLAIM_PAIRS)
+    ax = axes[2]
+    for k, row in enumerate(rows):
+        point, low, high = (float(row[c]) for c in ("p_x_beats_y", "p_ci_low", "p_ci_high"))
+        ax.barh(k, high - low, left=low, height=0.6, color=COLORS[row["x"]] if row["measure"] == "final" else "gray",
+                alpha=0.6)
+        ax.plot([point, point], [k - 0.3, k + 0.3], color="black", lw=2)
+    ax.axvline(0.5, color="black", ls=":")
+    ax.set_yticks(range(len(rows)), [f"P({r['x']} > {r['y']}), {'final return' if r['measure'] == 'final' else 'area'}"
+                                     for r in rows], fontsize=9)
+    ax.invert_yaxis()
+    ax.set(title="probability of improvement P(X > Y)\nand its 95% interval", xlabel="P(X > Y)", xlim=(0, 1))
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    fig.savefig(args.plots_dir / "intervals.png", dpi=100)
+    plt.close(fig)
+    return rows
 
 
 def plot(args):
@@ -1514,11 +1511,17 @@ def plot(args):
                    ("embedding_var", "(b) mean batch-wise variance of s_x (collapse indicator)")]
                   if kind == "figure3" else
                   [("embedding_var", "mean batch-wise variance of s_x"), ("effective_rank", "effective rank of s_x"),
-                   ("probe_r2_theta", "probe: held-out R² of θ"), ("probe_r2_theta_dot", "probe: held-out R² of θ̇"),
-                   ("return", "return, running average of %d episodes" % args.window)])
+                   ("collapsed", f"share of seeds collapsed (eff. rank < {COLLAPSED_RANK})"),
+                   ("probe_r2_theta", "probe: held-out R² of θ"), ("return", "return, running average of %d episodes"
+                                                                   % args.window)])
         fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels) if kind == "figure3" else 5 * len(panels), 5.2))
         for ax, (column, title) in zip(axes, panels):
             for group, runs in sweep.items():
+                if column == "collapsed":                # how many seeds are collapsed at each step
+                    ax.plot(grid, (runs["effective_rank"] < COLLAPSED_RANK).mean(0), lw=2, color=COLORS[group],
+                            label=f"{labels[group]}: {sum(collapse_dynamics(grid, r)[1] for r in runs['effective_rank'])}"
+                                  f" of {len(runs['seeds'])} collapsed by the criterion")
+                    continue
                 if column not in runs:
                     continue
                 style = dict(color=COLORS[group], ls="--" if group == "state" else "-")
@@ -1535,6 +1538,12 @@ def plot(args):
             if column == "embedding_var":
                 ax.axhline(COLLAPSE_THRESHOLD, color="black", ls=":", lw=1.5, label="collapse threshold 1e-7")
                 ax.set_yscale("log")
+            if column == "effective_rank":
+                ax.axhline(COLLAPSED_RANK, color="black", ls=":", lw=1.5, label=f"collapsed below {COLLAPSED_RANK}")
+                ax.set_yscale("log")
+            if column == "collapsed":
+                ax.axvline(COLLAPSE_GRACE_STEPS, color="black", ls=":", lw=1, label="the criterion counts from here")
+                ax.set_ylim(-0.02, 1.02)
             ax.set(title=title, xlabel="environment steps")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
@@ -1543,9 +1552,12 @@ def plot(args):
         fig.tight_layout()
         fig.savefig(args.plots_dir / f"{kind}.png", dpi=100)
         plt.close(fig)
-        rows = [{"config" if kind == "figure3" else "arm": group, **summary_row(runs)} for group, runs in sweep.items()]
+        rows = [{"config" if kind == "figure3" else "arm": group, **summary_row(runs, grid)}
+                for group, runs in sweep.items()]
         write_csv(args.plots_dir / f"{kind}_summary.csv", rows)
         if kind == "figure3":
+            if (pairs := plot_intervals(args, sweep, labels, plt)):
+                write_csv(args.plots_dir / "figure3_comparisons.csv", pairs)
             write_figure3_curves(args, sweep, grid)
             plot_probe(args, sweep, grid, plt)
             plot_observation(args, plt)
@@ -1648,9 +1660,7 @@ def plot_observation(args, plt):
 
 
 
-# ------------------------------------------------------------------------------------------------------
-# 16. Using a trained agent: load, evaluate, animate
-
+# ---- 16. Using a trained agent: load, evaluate, animate -----------------------------------------------------------
 
 def load_run(run_dir, device="cpu"):
     """Rebuild a finished run's networks from its config.json and model.pt."""
