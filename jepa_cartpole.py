@@ -601,7 +601,7 @@ def add_tool_flags(p):
                             "beside the three frames its encoder receives")
     tools.add_argument("--benchmark-renderer", action="store_true",
                        help="time render_frames against gymnasium's own render (+ crop, downsample), then exit")
-    tools.add_argument("--sweep-dir", type=Path, default=Path("results"),
+    tools.add_argument("--sweep-dir", type=Path, default=Path("plots/runs"),
                        help="--figure3 and --collapse keep their runs in <sweep-dir>/figure3 and <sweep-dir>/collapse; "
                             "the default holds our committed runs (their logs, not their weights)")
     tools.add_argument("--print-commands", action="store_true",
@@ -1089,7 +1089,9 @@ def read_config(run_dir):
 
 
 def check_run(run_dir, need_model=False):
-    """None if run_dir holds a finished run whose files read whole, else what is wrong, naming the file."""
+    """None if run_dir holds a finished run whose files read whole, else what is wrong, naming the file. model.pt
+    is checked when need_model is True, or "if present" and it is there (committed runs keep no weights)."""
+    need_model = need_model is True or (need_model == "if present" and (run_dir / "model.pt").exists())
     try:
         read_config(run_dir)
     except ValueError as error:
@@ -1216,7 +1218,7 @@ def unfinished_jobs(args, kind):
     for group_jobs in sweep_jobs(args, kind).values():
         for job in group_jobs:
             if (job.out / "summary.json").exists():
-                if (problem := check_run(job.out)) is None:
+                if (problem := check_run(job.out, need_model="if present")) is None:
                     check_same_settings(job.out, job)
                     continue                               # never overwrite a finished run
                 print(f"warning: {problem}: the run is redone", flush=True)
@@ -1421,7 +1423,7 @@ def collapse_dynamics(grid, ranks):
     """One run's collapse by the criterion above: (share of updates after the grace period with effective rank
     below COLLAPSED_RANK, collapsed?, escape step: a step, "never" (collapsed at the end) or "-" (never collapsed))."""
     low, after = ranks < COLLAPSED_RANK, grid > COLLAPSE_GRACE_STEPS
-    share = float(low[after].mean())
+    share = float(low[after].mean()) if after.any() else float("nan")     # a run too short to judge: NaN
     escape = "never" if low[-1] else "-" if not low.any() else int(grid[np.flatnonzero(low)[-1] + 1])
     return share, share >= COLLAPSED_SHARE, escape
 
@@ -1494,6 +1496,13 @@ def plot_intervals(args, sweep, labels, plt):
 
 def plot(args):
     """Figure 3 and the collapse figure with their tables, from whichever sweeps have finished runs."""
+    import warnings
+    with warnings.catch_warnings():     # before a run's first probe or episode its curves are NaN: nothing to warn
+        warnings.filterwarnings("ignore", "Mean of empty slice|Degrees of freedom", RuntimeWarning)
+        draw_figures(args)
+
+
+def draw_figures(args):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
