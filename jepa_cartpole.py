@@ -814,19 +814,21 @@ def effective_rank(s):
     return torch.exp(-(p * torch.log(p.clamp_min(1e-30))).sum())
 
 
-PROBE_EVERY = 8        # updates between two probes (and the last one): each probe encodes 2 x 2048 windows
+PROBE_EVERY = 8        # updates between two uniform probes (and the last): each encodes 2048 windows
+ONPOLICY_EVERY = 32    # updates between two on-policy probes (and the last): rarer, to keep a run's speed
 ONPOLICY_ROLLOUTS = 4  # the on-policy probe reads the last 4 rollouts' windows (2048 at the defaults)
 
 
 def embedding_diagnostics(x_encoder, rollout_s_x, probe_set, recent_rollouts, device, update, num_updates):
     """The collapse indicators beyond the paper's variance: the effective rank of the rollout's s_x (T, N, D),
-    every update, and two linear probes of the true state, every PROBE_EVERY updates and at the last (NaN in
-    between): on the fixed, uniform probe set (probe_r2_*) and on the states the agent visits (onpolicy_r2_*)."""
-    if update % PROBE_EVERY == 0 or update == num_updates:
-        probes = {**probe_r2(x_encoder, probe_set, device), **onpolicy_probe_r2(x_encoder, recent_rollouts, device)}
-    else:
-        probes = {f"{kind}_r2_{name}": float("nan") for kind in ("probe", "onpolicy") for name in STATE_NAMES}
-    return {"effective_rank": effective_rank(rollout_s_x.flatten(0, 1)).item(), **probes}
+    every update, and two linear probes of the true state (NaN between probes): on the fixed, uniform probe set
+    (probe_r2_*, every PROBE_EVERY updates and at the last) and on the states the agent visits (onpolicy_r2_*,
+    every ONPOLICY_EVERY updates and at the last)."""
+    nan = {f"{kind}_r2_{name}": float("nan") for kind in ("probe", "onpolicy") for name in STATE_NAMES}
+    last = update == num_updates
+    uniform = probe_r2(x_encoder, probe_set, device) if update % PROBE_EVERY == 0 or last else {}
+    onpolicy = onpolicy_probe_r2(x_encoder, recent_rollouts, device) if update % ONPOLICY_EVERY == 0 or last else {}
+    return {"effective_rank": effective_rank(rollout_s_x.flatten(0, 1)).item(), **nan, **uniform, **onpolicy}
 
 
 def make_probe_set(seed, height, width, size=2048):
