@@ -599,6 +599,9 @@ def add_tool_flags(p):
     tools.add_argument("--gif", type=Path, metavar="RUN_DIR",
                        help="write RUN_DIR/agent.gif: one greedy episode of RUN_DIR's agent, the full scene "
                             "beside the three frames its encoder receives")
+    tools.add_argument("--inspect", type=Path, metavar="RUN_DIR",
+                       help="what RUN_DIR's encoder knows where its agent goes (the on-policy probe) and what its "
+                            "JEPA loss is made of; writes RUN_DIR/inspect.json")
     tools.add_argument("--benchmark-renderer", action="store_true",
                        help="time render_frames against gymnasium's own render (+ crop, downsample), then exit")
     tools.add_argument("--sweep-dir", type=Path, default=Path("plots/runs"),
@@ -623,7 +626,7 @@ def rollout_sizes(args):
     return batch_size, math.ceil(args.total_steps / batch_size)
 
 
-MODES = ("figure3", "collapse", "plot", "state_reference", "eval", "gif", "benchmark_renderer")
+MODES = ("figure3", "collapse", "plot", "state_reference", "eval", "gif", "inspect", "benchmark_renderer")
 # Every number flag's valid range, [low, high] inclusive (None: unbounded). Checked before anything is written.
 FLAG_RANGES = {
     "seed": (0, 2**32 - 1), "total_steps": (1, None), "num_envs": (1, None), "threads": (0, None),
@@ -691,7 +694,7 @@ def parse_args(argv=None):
     modes = [f"--{m.replace('_', '-')}" for m in MODES if getattr(args, m)]
     if len(modes) > 1:
         parser.error(f"{' and '.join(modes)}: choose one mode")
-    for mode in ("eval", "gif"):
+    for mode in ("eval", "gif", "inspect"):
         run = getattr(args, mode)
         if run is not None and not ((run / "config.json").is_file() and (run / "model.pt").is_file()):
             parser.error(f"--{mode} {run}: not a finished run folder (it needs config.json and model.pt)")
@@ -1715,6 +1718,61 @@ def evaluate(args):
     return returns
 
 
+def inspect_run(run_dir):
+    """What a trained encoder knows and what its JEPA loss is made of, written to RUN_DIR/inspect.json.
+
+    The agent acts as in training (sampling its policy) in --num-envs envs for ONPOLICY_ROLLOUTS rollouts, from
+    seed 10,000 + its seed. On those windows: the on-policy probe (fit on half of the envs, scored on the other
+    half) and, on the run's own uniform probe set, the uniform probe; the spread of s_x (variance, effective rank,
+    norm); and Eq. 1 on the real transitions, split into its parts:
+        L_jepa = ||mean(pred) - mean(s_y)||^2   (the mean prediction misses the mean target)
+               + the rest                        (the predictions miss how the targets vary)
+    and, inside L_jepa, the share that the action alone decides: with s_x fixed, pred(s_x, 0) and pred(s_x, 1)
+    differ; whatever s_y is, ||pred(s_x, a) - s_y||^2 averaged over both actions is at least
+    ||pred(s_x, 0) - pred(s_x, 1)||^2 / 4 (action_floor). A collapsed encoder cannot tell the actions apart."""
+    run_args, nets = load_run(run_dir)
+    H, W, N, T = run_args.image_height, run_args.image_width, run_args.num_envs, run_args.num_steps
+    seed = 10_000 + run_args.seed
+    torch.manual_seed(seed)
+    render = lambda states: render_frames(states, H, W)
+    envs = gym.make_vec("CartPole-v1", num_envs=N, vectorization_mode="vector_entry_point")
+    states, _ = envs.reset(seed=seed)
+    window = push_frame(np.zeros((N, 3, H, W), np.uint8), render(states), np.ones(N, bool))
+    windows, visited, actions, valid = [window], [states], [], []
+    previous_episode_end = np.zeros(N, bool)
+    for _ in range(ONPOLICY_ROLLOUTS * T):
+        with torch.inference_mode():
+            action = torch.distributions.Categorical(logits=nets["actor"](nets["x_encoder"](
+                torch.from_numpy(window)))).sample().numpy()
+        window, states, _, _, previous_episode_end, is_valid = step_pixels(envs, action, window,
+                                                                           previous_episode_end, render)
+        windows.append(window)
+        visited.append(states)
+        actions.append(action)
+        valid.append(is_valid)
+    envs.close()
+    windows, visited = torch.from_numpy(np.stack(windows)), torch.from_numpy(np.stack(visited))   # (K*T+1, N, ...)
+    report = {"seed": seed, "windows": int(ONPOLICY_ROLLOUTS * T * N),
+              **onpolicy_probe_r2(nets["x_encoder"], [(windows[:-1], visited[:-1])], "cpu"),
+              **probe_r2(nets["x_encoder"], make_probe_set(run_args.seed, H, W), "cpu")}
+    real = torch.from_numpy(np.stack(valid)).flatten()                                   # (K*T*N,)
+    with torch.inference_mode():
+        s_x = encode(nets["x_encoder"], windows[:-1].flatten(0, 1)[real], "cpu").float()
+        s_y = encode(nets["y_encoder"], windows[1:].flatten(0, 1)[real], "cpu").float()
+        a = torch.from_numpy(np.stack(actions)).flatten()[real]
+        pred = nets["predictor"](s_x, a)
+        pred_0, pred_1 = (nets["predictor"](s_x, torch.full_like(a, k)) for k in (0, 1))
+        report.update(embedding_var=embedding_variance(s_x).item(), effective_rank=effective_rank(s_x).item(),
+                      s_x_norm=s_x.norm(dim=1).mean().item(), s_y_norm=s_y.norm(dim=1).mean().item(),
+                      jepa_loss=jepa_loss(pred, s_y).item(),
+                      jepa_loss_mean_part=(pred.mean(0) - s_y.mean(0)).pow(2).sum().item(),
+                      jepa_loss_action_floor=((pred_0 - pred_1).pow(2).sum(1) / 4).mean().item())
+    (run_dir / "inspect.json").write_text(json.dumps(report, indent=2))
+    print("\n".join(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}" for k, v in report.items()))
+    print(f"written to {run_dir / 'inspect.json'}")
+    return report
+
+
 def make_gif(args):
     """One greedy episode: gymnasium's full scene beside the three frames the encoder receives."""
     import matplotlib
@@ -1767,6 +1825,8 @@ def main(argv=None):
             evaluate(args)
         elif args.gif:
             make_gif(args)
+        elif args.inspect:
+            inspect_run(args.inspect)
         elif args.state_reference:
             train_state_reference(args.seed, args.total_steps, args.out, args.threads)
         else:
