@@ -15,7 +15,7 @@ README says what our runs show.
              s_x  --+--> actor  (PPO policy)             s_y
               |     +--> critic (PPO value)               |
               |                                           |
-     predictor(s_x, action) ------- Eq. 1: || pred - s_y ||^2 -------+
+     predictor(s_x, action) --> Eq. 1: ||pred - s_y||^2 <-+
      Eq. 2: -min(1, mean batch variance of s_x)   (collapse guard)
      Eq. 3: total = actor + critic + JEPA (+ regulariser)
 
@@ -28,10 +28,10 @@ The paper's four configurations (Section 3, Figure 3):
 Part 1, the method, follows the paper: settings, pixel Cart Pole, x-encoder, y-encoder, predictor, losses, PPO,
 training loop. It is a complete program: `train(build_parser().parse_args())` trains and prints a line per update.
 Part 2 (skip it on a first reading) adds the tools (run folders, diagnostics, --figure3, --collapse, --plot,
---eval, --gif); it reaches into Part 1 only through train()'s `log` argument.
-Shapes: N envs, T steps per env in a rollout, F = 3 frames of H x W pixels, p x p pixels a patch, R x C patches a frame
-(P = R * C), L = 1 + F * P tokens (CLS first), Q tokens that get an output (L, or 1 in the last block), D = d = width
-of s_x, nh heads of width hs = D / nh, A = 2 actions, B a batch of windows, M a minibatch of a rollout's N * T steps.
+--eval, --gif); it hooks into training only through train()'s `render` and `log` arguments.
+Shapes: N envs, T steps per env in a rollout, F (Fr in code) = 3 frames of H x W pixels, p x p pixels a patch, R x C
+patches a frame (P = R * C), L = 1 + F * P tokens (CLS first), Q tokens that get an output (L, or 1 in the last block),
+D = d = width of s_x, nh heads of width hs = D / nh, A = 2 actions, B a batch of windows, M a minibatch of N * T steps.
 """
 
 import argparse
@@ -58,8 +58,8 @@ import torch.nn.functional as F
 # ======================================================================================================
 
 # ---- 1. Settings --------------------------------------------------------------------------------------------------
-# What the paper fixes has the paper's value as default (d = 64, tau = 0.99, the three switches, 100k steps); what
-# it leaves open (image size, ViT size, PPO settings) is our choice, and each help text says why.
+# What the paper fixes has its value as default (d = 64, tau = 0.99, 100k steps; the switches: configuration 2, its
+# best). What it leaves open (image and ViT size, PPO) is our choice, a flag; the help gives reasons where we have them.
 
 def build_parser():
     p = argparse.ArgumentParser(description="JEPA + PPO on pixel Cart Pole (Kenneweg et al., ESANN 2025).",
@@ -68,15 +68,15 @@ def build_parser():
     # --- the paper's three switches (with no flags: configuration 2)
     p.add_argument("--jepa", action=on_off, default=True, help="add the JEPA loss of Eq. 1 to the loss (Eq. 3)")
     p.add_argument("--rl-grad", action=on_off, default=True, help="let the actor and critic gradients flow into "
-                   "the x-encoder (--no-rl-grad detaches s_x)")
+                   "the x-encoder (--no-rl-grad: the heads get s_x.detach())")
     p.add_argument("--reg", action=on_off, default=False, help="add the variance regulariser of Eq. 2")
-    # --- the run (Part 2 adds --threads, --out, --overwrite and --window)
+    # --- the run (Part 2 adds --threads, --out, --overwrite, --window and --renderer)
     p.add_argument("--seed", type=int, default=1, help="seeds torch, numpy and the environments")
     p.add_argument("--device", default="cpu", help="a torch device: cpu, cuda, cuda:1, mps")
-    p.add_argument("--total-steps", type=int, default=100_000, help="environment steps over all envs (paper: 100k)")
+    p.add_argument("--total-steps", type=int, default=100_000, help="env steps, all envs (paper: 100k)")
     p.add_argument("--num-envs", type=int, default=16, help="parallel Cart Poles: bigger, cheaper network batches")
     # --- pixels and the ViT (the paper fixes only d = 64)
-    p.add_argument("--image-height", type=int, default=16, help="rows of the frame: the band with cart and pole")
+    p.add_argument("--image-height", type=int, default=16, help="rows: at 64 columns, the band with cart and pole")
     p.add_argument("--image-width", type=int, default=64, help="columns of the frame: the whole track")
     p.add_argument("--patch-size", type=int, default=8, help="square patch side in pixels")
     p.add_argument("--embed-dim", type=int, default=64, help="d, the width of s_x (paper: 64)")
@@ -132,8 +132,8 @@ SKY, CART_GRAY, POLE_GRAY, AXLE_GRAY = 255.0, 0.0, 161.0, 139.2  # luma of gymna
 
 
 def box_coverage(offset, low, high, pixel):
-    """Fraction of a pixel of width `pixel`, centred at `offset`, inside [low, high]: exact anti-aliasing for an
-    edge on the pixel grid, so the network can see motion smaller than a pixel."""
+    """Fraction of a pixel of width `pixel`, centred at `offset`, inside [low, high]: anti-aliasing (exact for an
+    axis-aligned edge, close for the tilted pole), so the network can see motion smaller than a pixel."""
     return np.clip((np.minimum(offset + pixel / 2, high) - np.maximum(offset - pixel / 2, low)) / pixel, 0.0, 1.0)
 
 
@@ -150,7 +150,7 @@ def render_frames(states, height, width):
         image[:] = image + coverage * (gray - image)
 
     dx = xs[None, :] - cart_x[:, None]                                                   # (N, W)
-    paint(box_coverage(dx, -CART_HALF_WIDTH, CART_HALF_WIDTH, pixel)[:, None, :]          # cart: (N, 1, W)
+    paint(box_coverage(dx, -CART_HALF_WIDTH, CART_HALF_WIDTH, pixel)[:, None, :]          # cart: (N, H, W)
           * box_coverage(ys - CART_Y, -CART_HALF_HEIGHT, CART_HALF_HEIGHT, pixel)[None, :, None], CART_GRAY)
     dx, dy = dx[:, None, :], (ys - AXLE_Y)[None, :, None]                                 # (N, 1, W), (1, H, 1)
     sin, cos = np.sin(theta)[:, None, None], np.cos(theta)[:, None, None]                 # (N, 1, 1)
@@ -185,7 +185,7 @@ def step_pixels(envs, actions, window, previous_episode_end, render):
 # A small vision transformer. The patches of all three frames enter ONE transformer together, so attention can
 # compare the cart in f(t-2) with the cart in f(t): one frame shows where things are, three show how they move.
 # Each token's positional encoding encodes its patch row, its patch column AND its frame index (without it the
-# frames are an unordered set: README, exercise 2). A learnable CLS token is prepended; its last-layer output,
+# frames are an unordered set: try --no-frame-index). A learnable CLS token is prepended; its last-layer output,
 # s_x (width d = 64), is the state.
 
 class Block(nn.Module):
@@ -288,8 +288,8 @@ class Predictor(nn.Module):
 
 # ---- 6. Losses and the collapse indicator (paper Section 2, Eq. 1-2; Eq. 3 is written in the training step) -------
 def jepa_loss(s_y_pred, s_y):
-    # Eq. 1: L_jepa = || s_y_pred - s_y ||_2^2, averaged over the batch. The paper says "Euclidean distance"; we use
-    # its square (as JEPA and BYOL do): its gradient shrinks to 0 at a perfect prediction; the distance's stays 1.
+    # Eq. 1: L_jepa = || s_y_pred - s_y ||_2^2, averaged over the batch (its text says "Euclidean distance"). The
+    # square's gradient shrinks to 0 at a perfect prediction; the distance's has length 1 however close it gets.
     return (s_y_pred - s_y).pow(2).sum(dim=-1).mean()
 
 
@@ -326,11 +326,10 @@ def make_heads(dim, num_actions, hidden=64):
 
 
 def compute_gae(rewards, values, terminated, episode_end, gamma, gae_lambda):
-    """Generalised advantage estimation. rewards, terminated, episode_end: (T, N); values: (T+1, N).
-    A termination (the pole fell) has no future: V(next) counts as 0. A truncation (the 500-step limit) is not a
-    failure: the future is bootstrapped with V of the final window, which the next-step autoreset still hands
-    us. Either way the recursion stops at the episode's end. Returns (advantages, returns), both (T, N).
-    """
+    """GAE. rewards, terminated, episode_end: (T, N); values: (T+1, N) -> (advantages, returns), (T, N) each.
+    A termination (pole past 12 degrees, or cart off the track) has no future: V(next) counts as 0. A truncation (the
+    500-step limit) is no failure: its future is bootstrapped with V of the final window, which the next-step autoreset
+    still hands us. The recursion stops at an episode's end; autoreset steps get advantages nothing uses."""
     advantages = torch.zeros_like(rewards)
     next_advantage = torch.zeros_like(rewards[0])
     for t in reversed(range(rewards.shape[0])):
@@ -399,7 +398,7 @@ def training_step(nets, optimizer, mb, args):
     l_reg = variance_regulariser(s_x)
 
     # 5. Eq. 3: L = L_actor + L_critic + jepa_coef * L_jepa (+ reg_coef * L_reg), both coefficients 1 by default,
-    #    with L_actor = L_policy - ent_coef * entropy and L_critic = vf_coef * L_value (CleanRL's weights).
+    #    with L_actor = L_policy - ent_coef * entropy and L_critic = vf_coef * L_value (CleanRL's form).
     loss = policy_loss - args.ent_coef * entropy + args.vf_coef * value_loss
     if args.jepa:   # SWITCH --jepa: the only path from Eq. 1 into the x-encoder and the predictor
         loss = loss + args.jepa_coef * l_jepa
@@ -464,7 +463,7 @@ class ConsoleLog:
 
 
 def train(args, render=None, log=None):
-    """Train the agent that Part 1's flags describe; returns (summary, nets). `log` is the door to the tools."""
+    """Train the agent of Part 1's flags; returns (summary, nets). render: states -> frames; log: the tools' door."""
     # ---- set-up: seeds, environments, networks, optimiser
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
@@ -519,7 +518,7 @@ def train(args, render=None, log=None):
             values[T] = critic(x_encoder(windows[T].to(device))).squeeze(-1).cpu()   # bootstrap value
             # Speed, NOT the same result: s_y = y-encoder(windows[t+1]) once per rollout, as the update begins. The EMA
             # runs after every optimiser step, so the targets lag it by up to epochs x minibatches - 1 steps (31 at the
-            # defaults; in 32 steps the y-encoder moves 1 - 0.99^32 = 27% of the way). --fresh-targets: per minibatch
+            # defaults, in which the y-encoder moves 1 - 0.99^31 = 27% of the way). --fresh-targets: per minibatch
             # (slower; README: speed). Without the lag a slow predictor did not collapse JEPA (README: collapse).
             s_y = (torch.cat([y_encoder(w.to(device)) for w in next_windows.split(256)])
                    if args.jepa and not args.fresh_targets else torch.zeros(batch_size, D))   # (N*T, D)

@@ -873,6 +873,16 @@ def test_eval_and_gif_run_on_a_trained_run(tiny_run, tmp_path):
     assert (out / "agent.gif").read_bytes()[:6] == b"GIF89a"              # in the run's folder, not plots/
 
 
+def test_inspect_reports_both_probes_and_the_parts_of_the_jepa_loss(tiny_run, capsys):
+    out, _ = tiny_run
+    jc.main(["--inspect", str(out)])
+    report = json.loads((out / "inspect.json").read_text())
+    assert {f"{kind}_r2_{name}" for kind in ("probe", "onpolicy") for name in jc.STATE_NAMES} <= set(report)
+    assert report["windows"] == jc.ONPOLICY_ROLLOUTS * 16 * 4                 # 4 rollouts of 4 envs x 16 steps
+    assert 0 <= report["jepa_loss_mean_part"] <= report["jepa_loss"] + 1e-6   # a part of the whole
+    assert report["jepa_loss_action_floor"] >= 0 and "inspect.json" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------------------------------------- sweeps
 def test_figure3_sweep_is_resumable_and_writes_its_plots(tmp_path):
     sweep, plots = tmp_path / "sweep", tmp_path / "plots"
