@@ -567,7 +567,7 @@ the paper's four configurations (Section 3):
 
 # The collapse demonstration's setting: choices the paper leaves open, never what it fixes (README: "When does
 # JEPA collapse?" has the runs that chose it). Applied to the collapse sweep's runs by --collapse.
-COLLAPSE_SETTING = {"predictor_lr_scale": 0.1, "weight_decay": 0.05}
+COLLAPSE_SETTING = {"predictor_lr_scale": 0.01, "weight_decay": 0.0}   # chosen on seeds 100-104: 4 of 4 (README)
 COLLAPSE_ARMS = {  # name: (jepa, rl_grad, reg)
     "JEPA only": (True, False, False),
     "JEPA + RL gradients": (True, True, False),
@@ -1384,6 +1384,9 @@ def load_runs(run_dirs, grid, window):
         runs["seeds"].append(int(run.name.rsplit("seed", 1)[1]))
         runs["return"].append(running_average_curve(episodes, grid, window))
         runs["wall_s"].append(json.loads((run / "summary.json").read_text())["wall_s"])
+        if (run / "inspect.json").exists():                # --inspect's probes of the final encoder, if made
+            for key, value in json.loads((run / "inspect.json").read_text()).items():
+                runs.setdefault(f"inspect_{key}", []).append(value)
         updates = read_csv(run / "updates.csv")
         for column in UPDATE_COLUMNS[2:-2]:
             if column in updates:                      # the probe's columns are empty between probes: skipped
@@ -1569,12 +1572,32 @@ def draw_figures(args):
                 for group, runs in sweep.items()]
         write_csv(args.plots_dir / f"{kind}_summary.csv", rows)
         if kind == "figure3":
+            write_probe_table(args, sweep)
             if (pairs := plot_intervals(args, sweep, labels, plt)):
                 write_csv(args.plots_dir / "figure3_comparisons.csv", pairs)
             write_figure3_curves(args, sweep, grid)
             plot_probe(args, sweep, grid, plt)
             plot_observation(args, plt)
     print(f"figures and tables in {args.plots_dir}")
+
+
+def write_probe_table(args, sweep):
+    """plots/probes_summary.csv: per configuration and state variable, the IQM over seeds (and its 95% interval)
+    of the two linear probes of the final encoder: uniform (the run's probe set) and on-policy (--inspect)."""
+    rows = []
+    for group, runs in sweep.items():
+        for name in STATE_NAMES:
+            row = {"config": group, "variable": name}
+            for kind, key in (("uniform", f"probe_r2_{name}"), ("onpolicy", f"inspect_onpolicy_r2_{name}")):
+                if key in runs and len(runs[key]) == len(runs["seeds"]):
+                    values = runs[key][:, -1] if runs[key].ndim == 2 else runs[key]
+                    point, low, high = bootstrap_interval(iqm, values)
+                    row.update({f"{kind}_iqm": f"{point:.2f}", f"{kind}_ci": f"[{low:.2f}, {high:.2f}]",
+                                f"{kind}_n": len(values)})
+            if len(row) > 2:
+                rows.append(row)
+    if rows:
+        write_csv(args.plots_dir / "probes_summary.csv", rows)
 
 
 def write_figure3_curves(args, sweep, grid):

@@ -883,6 +883,25 @@ def test_inspect_reports_both_probes_and_the_parts_of_the_jepa_loss(tiny_run, ca
     assert report["jepa_loss_action_floor"] >= 0 and "inspect.json" in capsys.readouterr().out
 
 
+def readme_exercise_commands():
+    """Every command of the README's exercises, in order."""
+    text = SCRIPT.with_name("README.md").read_text()
+    section = text[text.index("\n## Exercises"):]
+    section = section[:section.index("\n## ", 5)]
+    return [line.strip() for line in section.splitlines() if line.strip().startswith("python jepa_cartpole.py")]
+
+
+def test_every_exercise_command_runs_in_miniature(tmp_path, monkeypatch, capsys):
+    """The README's exercises stay true to the flags: each command runs, shortened to 2 tiny updates."""
+    commands = readme_exercise_commands()
+    assert len(commands) >= 8
+    monkeypatch.chdir(tmp_path)
+    for command in commands:
+        argv = shlex.split(command)[2:]
+        jc.main(argv if "--inspect" in argv else [*argv, *TINY, "--overwrite"])
+        assert "error" not in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------- sweeps
 def test_figure3_sweep_is_resumable_and_writes_its_plots(tmp_path):
     sweep, plots = tmp_path / "sweep", tmp_path / "plots"
