@@ -567,7 +567,7 @@ the paper's four configurations (Section 3):
 
 # The collapse demonstration's setting: choices the paper leaves open, never what it fixes (README: "When does
 # JEPA collapse?" has the runs that chose it). Applied to the collapse sweep's runs by --collapse.
-COLLAPSE_SETTING = {"predictor_lr_scale": 0.01, "weight_decay": 0.0}   # chosen on seeds 100-104: 4 of 4 (README)
+COLLAPSE_SETTING = {"predictor_lr_scale": 0.01, "weight_decay": 0.0}   # chosen on seeds 100-104: 5 of 5 (README)
 COLLAPSE_ARMS = {  # name: (jepa, rl_grad, reg)
     "JEPA only": (True, False, False),
     "JEPA + RL gradients": (True, True, False),
