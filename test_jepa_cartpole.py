@@ -808,11 +808,11 @@ def test_plot_without_finished_runs_leaves_the_plots_byte_identical(tmp_path):
         plots.mkdir()
     (plots / "figure3.png").write_bytes(b"\x89PNG not really")
     (plots / "figure3_summary.csv").write_text("config,seeds\n1,5\n")
-    before = {p.name: p.read_bytes() for p in plots.iterdir()}
+    before = {p: p.read_bytes() for p in plots.rglob("*") if p.is_file()}      # plots/runs too
     (tmp_path / "empty").mkdir()
     result = run_script("--plot", "--sweep-dir", str(tmp_path / "empty"), "--plots-dir", str(plots), cwd=tmp_path)
     assert result.returncode == 2 and "--plot" in result.stderr and "Traceback" not in result.stderr
-    assert {p.name: p.read_bytes() for p in plots.iterdir()} == before
+    assert {p: p.read_bytes() for p in plots.rglob("*") if p.is_file()} == before
 
 
 def test_ctrl_c_stops_cleanly_and_leaves_complete_logs(tmp_path):
