@@ -1271,9 +1271,10 @@ def run_sweep(args, kind):
         pool.terminate()                                   # on Ctrl-C: unfinished runs are redone next time
         pool.join()
     (args.sweep_dir / kind).mkdir(parents=True, exist_ok=True)
-    (args.sweep_dir / kind / "sweep.json").write_text(json.dumps(
-        {"runs": len(jobs), "wall_s": time.time() - start, "steps": len(jobs) * steps_per_run,
-         "aggregate_sps": len(jobs) * steps_per_run / (time.time() - start), "workers": args.workers}, indent=2))
+    if jobs:                                               # a rerun with nothing to do keeps the last record
+        (args.sweep_dir / kind / "sweep.json").write_text(json.dumps(
+            {"runs": len(jobs), "wall_s": time.time() - start, "steps": len(jobs) * steps_per_run,
+             "aggregate_sps": len(jobs) * steps_per_run / (time.time() - start), "workers": args.workers}, indent=2))
     plot(args)
     lock.close()
     if failed:
