@@ -85,7 +85,7 @@ def build_parser():
     p.add_argument("--mlp-ratio", type=int, default=2, help="hidden width of the block MLP, in units of d")
     p.add_argument("--final-norm", action=on_off, default=True, help="LayerNorm on s_x as in a standard ViT (the "
                    "paper does not say); without it configuration 2 learned slower in a tuning run")
-    p.add_argument("--frame-index", action=on_off, default=True, help="frame index in the position (off: frames unordered)")
+    p.add_argument("--frame-index", action=on_off, default=True, help="frame index in the position (off: unordered)")
     # --- JEPA (the paper fixes tau = 0.99 and the unweighted sum of Eq. 3)
     p.add_argument("--predictor-hidden", type=int, default=128, help="hidden width of the two-layer predictor")
     p.add_argument("--ema-tau", type=float, default=0.99, help="the y-encoder's EMA rate tau (paper: 0.99)")
