@@ -471,8 +471,7 @@ def train(args, render=None, log=None):
     H, W, N, T, D = args.image_height, args.image_width, args.num_envs, args.num_steps, args.embed_dim
     batch_size = N * T                                               # transitions per rollout
     num_updates = math.ceil(args.total_steps / batch_size)           # whole rollouts, at least --total-steps
-    log = log or ConsoleLog()
-    render = render or (lambda states: render_frames(states, H, W))
+    log, render = log or ConsoleLog(), render or (lambda states: render_frames(states, H, W))
     envs = gym.make_vec("CartPole-v1", num_envs=N, vectorization_mode="vector_entry_point")
     nets = {k: net.to(device) for k, net in make_networks(args, envs.single_action_space.n).items()}
     x_encoder, y_encoder, actor, critic = nets["x_encoder"], nets["y_encoder"], nets["actor"], nets["critic"]
