@@ -447,10 +447,10 @@ class ConsoleLog:
         return dict(numbers, step=step, mean_return=float(np.mean(recent)) if recent else float("nan"),
                     sps=step / (time.time() - self.start)), finished
 
-    def line(self, row):
+    def line(self, row, extra=""):                   # extra: a subclass's diagnostics, shown before the JEPA loss
         collapsed = "  <- collapsed (variance below 1e-7)" if row["embedding_var"] < COLLAPSE_THRESHOLD else ""
         return (f"step {row['step']:>7} | sps {row['sps']:4.0f} | return(last {self.window}) {row['mean_return']:5.1f}"
-                f" | embedding var {row['embedding_var']:.1e} | jepa {row['jepa_loss']:.3f}{collapsed}")
+                f" | embedding var {row['embedding_var']:.1e}{extra} | jepa {row['jepa_loss']:.3f}{collapsed}")
 
     def update(self, update, num_updates, step, numbers, nets, rollout):
         self.row, _ = self.record(step, numbers, rollout)
@@ -788,8 +788,7 @@ class RunLog(ConsoleLog):
         print(self.line(row), flush=True)
 
     def line(self, row):                                               # Part 1's line, with the diagnostics
-        return super().line(row).replace(" | jepa", f" | eff. rank {row['effective_rank']:4.1f} | probe R2 theta "
-                                                    f"{self.probe_theta:5.2f} | jepa", 1)
+        return super().line(row, f" | eff. rank {row['effective_rank']:4.1f} | probe R2 theta {self.probe_theta:5.2f}")
 
     def finish(self, nets):
         summary = {**super().finish(nets), "final_embedding_var": self.row["embedding_var"],
@@ -1092,9 +1091,8 @@ def read_config(run_dir):
 
 
 def check_run(run_dir, need_model=False):
-    """None if run_dir holds a finished run whose files read whole, else what is wrong, naming the file. model.pt
-    is checked when need_model is True, or "if present" and it is there (committed runs keep no weights)."""
-    need_model = need_model is True or (need_model == "if present" and (run_dir / "model.pt").exists())
+    """None if run_dir holds a finished run whose files read whole, else what is wrong, naming the file (model.pt
+    too with need_model)."""
     try:
         read_config(run_dir)
     except ValueError as error:
@@ -1221,7 +1219,8 @@ def unfinished_jobs(args, kind):
     for group_jobs in sweep_jobs(args, kind).values():
         for job in group_jobs:
             if (job.out / "summary.json").exists():
-                if (problem := check_run(job.out, need_model="if present")) is None:
+                weights = (job.out / "model.pt").exists()          # committed runs keep no weights
+                if (problem := check_run(job.out, need_model=weights)) is None:
                     check_same_settings(job.out, job)
                     continue                               # never overwrite a finished run
                 print(f"warning: {problem}: the run is redone", flush=True)
