@@ -749,6 +749,13 @@ UPDATE_COLUMNS = ["step", "mean_return", "loss", "jepa_loss", "reg_loss", "polic
                   "onpolicy_r2_theta_dot", "learning_rate", "sps"]
 
 
+def machine():
+    """What a run's numbers depend on beyond its seed: the CPU kernels torch chose (AVX2 and AVX512 give other
+    floating-point results, see the README's Reproducibility), the torch version and the thread count."""
+    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+            "threads": torch.get_num_threads()}
+
+
 class RunLog(ConsoleLog):
     """Part 1's logger door, with a run folder: each row written and flushed as it comes, so a killed run keeps
     what it did: config.json, episodes.csv (one row per episode), updates.csv (one row per update, with the
@@ -792,7 +799,7 @@ class RunLog(ConsoleLog):
 
     def finish(self, nets):
         summary = {**super().finish(nets), "final_embedding_var": self.row["embedding_var"],
-                   "final_effective_rank": self.row["effective_rank"]}
+                   "final_effective_rank": self.row["effective_rank"], "machine": machine()}
         self.episodes_file.close()
         self.updates_file.close()
         torch.save({k: net.state_dict() for k, net in nets.items()}, self.out / "model.pt")
@@ -1046,7 +1053,8 @@ def train_state_reference(seed, total_steps, out, threads=1):
     for file in (episodes_file, updates_file, envs):
         file.close()
     wall = time.time() - start
-    summary = {"steps": global_step, "wall_s": wall, "sps": global_step / wall, "final_mean_return": mean_return}
+    summary = {"steps": global_step, "wall_s": wall, "sps": global_step / wall, "final_mean_return": mean_return,
+               "machine": machine()}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"done: {global_step} steps in {wall:.0f}s; return (last 20 episodes) {mean_return:.1f}; logs in {out}")
     return summary
