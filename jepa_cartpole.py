@@ -567,10 +567,13 @@ the paper's four configurations (Section 3):
 # The collapse demonstration's setting: choices the paper leaves open, never what it fixes (README: "When does
 # JEPA collapse?" has the runs that chose it). Applied to the collapse sweep's runs by --collapse.
 COLLAPSE_SETTING = {"predictor_lr_scale": 0.01, "weight_decay": 0.0}   # chosen on seeds 100-104: 5 of 5 (README)
-COLLAPSE_ARMS = {  # name: (jepa, rl_grad, reg)
-    "JEPA only": (True, False, False),
-    "JEPA + RL gradients": (True, True, False),
-    "JEPA + regulariser": (True, False, True),
+COLLAPSE_ARMS = {  # name: (jepa, rl_grad, reg, what else the arm changes)
+    "JEPA only": (True, False, False, {}),
+    "JEPA + RL gradients": (True, True, False, {}),
+    "JEPA + regulariser": (True, False, True, {}),
+    # Not the paper's Eq. 3, whose terms have no weights: Eq. 2 at weight 1 did not prevent this collapse (10 of 10
+    # seeds collapsed); x100 was chosen on seeds 100 and 101 (README: collapse).
+    "JEPA + regulariser x100": (True, False, True, {"reg_coef": 100.0}),
 }
 
 
@@ -1068,7 +1071,8 @@ FIGURE3_CONFIGS = {  # paper number: (jepa, rl_grad, reg, label)
     4: (True, False, True, "4: JEPA + regulariser, no RL gradients"),
 }
 COLORS = {1: "tab:purple", 2: "tab:blue", 3: "tab:red", 4: "tab:green", "state": "black",
-          "JEPA only": "tab:red", "JEPA + RL gradients": "tab:blue", "JEPA + regulariser": "tab:green"}
+          "JEPA only": "tab:red", "JEPA + RL gradients": "tab:blue", "JEPA + regulariser": "tab:green",
+          "JEPA + regulariser x100": "tab:olive"}
 # Flags that may differ between the runs of one sweep, or do not change what a run computes.
 PER_RUN_FLAGS = {"out", "seed", "threads", "jepa", "rl_grad", "reg", "device", "overwrite", "window", *MODES,
                  "sweep_dir", "plots_dir", "seeds", "workers", "eval_episodes", "renderer", "print_commands"}
@@ -1142,7 +1146,8 @@ def sweep_groups(kind):
     the collapse demonstration's arms."""
     if kind == "figure3":
         return {**{c: run_name(j, g, r) for c, (j, g, r, _) in FIGURE3_CONFIGS.items()}, "state": "state"}
-    return {arm: run_name(*switches) for arm, switches in COLLAPSE_ARMS.items()}
+    return {arm: run_name(j, g, r) + "".join(f"-{k.replace('_', '')}{v:g}" for k, v in changes.items())
+            for arm, (j, g, r, changes) in COLLAPSE_ARMS.items()}              # e.g. jepa-norlgrad-reg-regcoef100
 
 
 def sweep_job(args, kind, group, seed):
@@ -1150,8 +1155,8 @@ def sweep_job(args, kind, group, seed):
     out = args.sweep_dir / kind / f"{sweep_groups(kind)[group]}-seed{seed}"
     if group == "state":
         return argparse.Namespace(**{**vars(args), "state_reference": True, "seed": seed, "threads": 1, "out": out})
-    j, g, r = FIGURE3_CONFIGS[group][:3] if kind == "figure3" else COLLAPSE_ARMS[group]
-    setting = COLLAPSE_SETTING if kind == "collapse" else {}
+    j, g, r, changes = (*FIGURE3_CONFIGS[group][:3], {}) if kind == "figure3" else COLLAPSE_ARMS[group]
+    setting = {**COLLAPSE_SETTING, **changes} if kind == "collapse" else {}
     return argparse.Namespace(**{**vars(args), **setting, "jepa": j, "rl_grad": g, "reg": r, "seed": seed,
                                  "threads": 1, "state_reference": False, "figure3": False, "collapse": False,
                                  "print_commands": False, "out": out})

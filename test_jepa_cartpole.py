@@ -1053,7 +1053,7 @@ def test_a_second_sweep_into_the_same_folder_is_refused_and_the_first_finishes(t
     jc.lock_sweep(tmp_path / "other" / "collapse").close()         # another folder's lock is free meanwhile
     out, err = first.communicate(timeout=120)
     assert first.returncode == 0, err
-    assert len(jc.finished_runs(sweep / "collapse")) == 3
+    assert len(jc.finished_runs(sweep / "collapse")) == len(jc.COLLAPSE_ARMS)
 
 
 @pytest.fixture(scope="module")
@@ -1077,6 +1077,10 @@ def test_collapse_sweep_writes_its_figure_and_one_row_per_arm(finished_sweep, tm
     assert all(r["seeds"] == "1" for r in rows)
     config = json.loads((finished_sweep / "sweep" / "collapse" / "jepa-norlgrad-noreg-seed1" / "config.json").read_text())
     assert all(config[k] == v for k, v in jc.COLLAPSE_SETTING.items())           # the collapse setting
+    x100 = json.loads((finished_sweep / "sweep" / "collapse" / "jepa-norlgrad-reg-regcoef100-seed1" / "config.json")
+                      .read_text())                                       # and the arm's own change on top of it
+    assert x100["reg"] and x100["reg_coef"] == 100.0 and config["reg_coef"] == 1.0
+    assert all(x100[k] == v for k, v in jc.COLLAPSE_SETTING.items())
     again = run_script("--plot", "--sweep-dir", str(finished_sweep / "sweep"), "--plots-dir", str(tmp_path), *TINY,
                        cwd=tmp_path)                                      # --plot redraws it from the finished runs
     assert again.returncode == 0, again.stderr
@@ -1097,7 +1101,7 @@ def test_a_sweep_killed_with_sigkill_resumes_to_the_summary_of_an_uninterrupted_
         time.sleep(0.05)
     os.killpg(victim.pid, signal.SIGKILL)                                  # the sweep and its worker, at once
     victim.wait()
-    assert len(jc.finished_runs(sweep / "collapse")) < 3
+    assert len(jc.finished_runs(sweep / "collapse")) < len(jc.COLLAPSE_ARMS)
     again = run_script(*flags, "--sweep-dir", str(sweep), "--plots-dir", str(tmp_path / "p2"), cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     drop_wall = lambda rows: [{k: v for k, v in r.items() if k != "wall_s_per_run"} for r in rows]
@@ -1132,9 +1136,10 @@ def test_a_damaged_run_folder_gets_a_message_naming_the_file(damage, finished_sw
         out = capsys.readouterr().out
         assert "warning" in out and str(run / file) in out
         rows = read_rows(tmp_path / "plots" / "collapse_summary.csv")[1]
-        assert [r["arm"] for r in rows] == ["JEPA only", "JEPA + regulariser"]
+        assert [r["arm"] for r in rows] == [arm for arm in jc.COLLAPSE_ARMS if arm != "JEPA + RL gradients"]
     jc.main([*SWEEP_FLAGS, "--sweep-dir", str(sweep), "--plots-dir", str(tmp_path / "plots")])
-    assert "2/3 runs already finished" in capsys.readouterr().out        # the sweep redoes the damaged run
+    arms = len(jc.COLLAPSE_ARMS)
+    assert f"{arms - 1}/{arms} runs already finished" in capsys.readouterr().out   # it redoes the damaged run
     assert jc.check_run(run, need_model=True) is None
 
 
