@@ -1172,7 +1172,8 @@ def test_printed_commands_make_the_runs_that_plot_collects(tmp_path):
     printed = run_script(*SWEEP_FLAGS, "--seeds", "2", "--sweep-dir", str(sweep), "--print-commands", cwd=tmp_path)
     assert printed.returncode == 0, printed.stderr
     lines = printed.stdout.strip().splitlines()
-    assert len(lines) == 6 and all(line.startswith("python jepa_cartpole.py ") for line in lines)
+    assert len(lines) == 2 * len(jc.COLLAPSE_ARMS)                                # 2 seeds of every arm
+    assert all(line.startswith("python jepa_cartpole.py ") for line in lines)
     assert all("--predictor-lr-scale" in line for line in lines)                 # the collapse setting travels
     result = subprocess.run([sys.executable, str(SCRIPT), *shlex.split(lines[1])[2:]], cwd=tmp_path,
                             capture_output=True, text=True, timeout=120)                 # JEPA only, seed 2
