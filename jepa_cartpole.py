@@ -1299,6 +1299,8 @@ BOOTSTRAP_RESAMPLES = 20_000   # rliable's default is 50,000; 20,000 puts the in
 BOOTSTRAP_SEED = 0             # a fixed generator: the same runs always give the same interval
 # The pairs that the paper's claims compare (Section 3): (better, worse) as the paper has it.
 CLAIM_PAIRS = [(2, 1), (2, 3), (4, 3), (2, 4)]
+# The collapse demonstration's: each remedy against JEPA alone (does the agent that avoids collapse act better?).
+COLLAPSE_PAIRS = [(arm, "JEPA only") for arm in COLLAPSE_ARMS if arm != "JEPA only"]
 
 
 def iqm(x):
@@ -1590,6 +1592,8 @@ def draw_figures(args):
             write_figure3_curves(args, sweep, grid)
             plot_probe(args, sweep, grid, plt)
             plot_observation(args, plt)
+        elif (pairs := comparisons(sweep, COLLAPSE_PAIRS)):
+            write_csv(args.plots_dir / "collapse_comparisons.csv", pairs)
     print(f"figures and tables in {args.plots_dir}")
 
 

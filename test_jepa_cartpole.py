@@ -1075,6 +1075,9 @@ def test_collapse_sweep_writes_its_figure_and_one_row_per_arm(finished_sweep, tm
             "final_ci_high", "auc_iqm", "final_var", "final_effective_rank", "probe_r2_theta", "probe_r2_theta_dot",
             "return_mean"} <= set(columns)
     assert all(r["seeds"] == "1" for r in rows)
+    _, pairs = read_rows(plots / "collapse_comparisons.csv")              # each remedy against JEPA alone
+    assert [(r["x"], r["y"], r["measure"]) for r in pairs] == [
+        (arm, "JEPA only", measure) for arm in list(jc.COLLAPSE_ARMS)[1:] for measure in ("final", "auc")]
     config = json.loads((finished_sweep / "sweep" / "collapse" / "jepa-norlgrad-noreg-seed1" / "config.json").read_text())
     assert all(config[k] == v for k, v in jc.COLLAPSE_SETTING.items())           # the collapse setting
     x100 = json.loads((finished_sweep / "sweep" / "collapse" / "jepa-norlgrad-reg-regcoef100-seed1" / "config.json")
