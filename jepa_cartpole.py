@@ -708,9 +708,10 @@ def parse_args(argv=None):
     if args.plot and not any(finished_runs(args.sweep_dir / sweep) for sweep in ("figure3", "collapse")):
         parser.error(f"--plot: no finished run in {args.sweep_dir}/figure3 or {args.sweep_dir}/collapse; run "
                      f"--figure3 or --collapse first ({args.plots_dir} is left as it is)")
-    given = [f"--{k.replace('_', '-')}" for k in COLLAPSE_SETTING if getattr(args, k) != parser.get_default(k)]
-    if args.collapse and given:
-        parser.error(f"{' '.join(given)}: --collapse sets {COLLAPSE_SETTING} itself")
+    own = {**COLLAPSE_SETTING, **{k: v for *_, changes in COLLAPSE_ARMS.values() for k, v in changes.items()}}
+    given = [f"--{k.replace('_', '-')}" for k in own if getattr(args, k) != parser.get_default(k)]
+    if args.collapse and given:   # a flag the demonstration sets itself, for all arms or for one
+        parser.error(f"{' '.join(given)}: --collapse sets {', '.join(own)} itself (README: collapse)")
     for name in ("sweep_dir", "plots_dir"):
         path = getattr(args, name)
         if path.exists() and not path.is_dir():
@@ -1329,7 +1330,10 @@ def bootstrap_interval(statistic, *samples, resamples=BOOTSTRAP_RESAMPLES, seed=
 def seeds_needed(x, y, alpha=0.05, power=0.8):
     """Seeds per group for a two-sided Welch t-test to detect the observed difference of means with the given
     power (Colas et al. 2019), with the normal approximation: n = 2 (z_a + z_b)^2 s^2 / delta^2, s^2 the mean of
-    the two sample variances. Slightly optimistic at small n. None when the two means are equal."""
+    the two sample variances. Slightly optimistic at small n. None when the two means are equal, or when a group
+    has one seed (no variance to estimate)."""
+    if min(len(x), len(y)) < 2:
+        return None
     z = {0.05: 1.959964, 0.8: 0.841621}
     delta, variance = np.mean(x) - np.mean(y), (np.var(x, ddof=1) + np.var(y, ddof=1)) / 2
     return math.ceil(2 * (z[alpha] + z[power]) ** 2 * variance / delta ** 2) if delta else None
@@ -1360,7 +1364,7 @@ def comparisons(sweep, pairs):
             x, y = run_measures(sweep[a])[measure], run_measures(sweep[b])[measure]
             diff = bootstrap_interval(lambda u, v: iqm(u) - iqm(v), x, y)
             poi = bootstrap_interval(probability_of_improvement, x, y)
-            resolved = diff[1] > 0 or diff[2] < 0 or poi[1] > 0.5 or poi[2] < 0.5
+            resolved = (diff[1] > 0 or diff[2] < 0 or poi[1] > 0.5 or poi[2] < 0.5) and min(len(x), len(y)) > 1
             better = a if diff[1] > 0 or poi[1] > 0.5 else b
             rows.append({"x": a, "y": b, "measure": measure, "n_x": len(x), "n_y": len(y),
                          "iqm_difference": f"{diff[0]:.1f}", "diff_ci_low": f"{diff[1]:.1f}",

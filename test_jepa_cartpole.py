@@ -759,6 +759,7 @@ MODE_CASES = [
     (["--plot", "--sweep-dir", "{tmp}/empty-sweep"], "--plot"),
     (["--eval", "{tmp}/no-model", "--out", "{tmp}/run"], "--eval"),
     (["--collapse", "--weight-decay", "0.1"], "--weight-decay"),   # --collapse sets its own setting
+    (["--collapse", "--reg-coef", "5"], "--reg-coef"),              # and its arms' own changes
     (["--plot", "--plots-dir", "{tmp}/a-file"], "--plots-dir"),
     (["--figure3", "--sweep-dir", "{tmp}/a-file"], "--sweep-dir"),
     (["--state-reference", "--total-steps", "200"], "8 envs x 32 steps = 256"),   # its own rollout, not 512
@@ -969,6 +970,10 @@ def test_comparisons_resolve_only_what_the_interval_resolves():
     assert verdicts[2, 1, "final"] == "2 better"
     assert verdicts[1, 3, "final"] == "not resolved at n = 10"
     assert all(r["seeds_needed"] for r in rows if r["x"] == 1)               # a power estimate where unresolved
+    one_seed = {2: {"return": np.array([[1.0, 300.0]]), "seeds": [1]}, 1: {"return": np.array([[1.0, 100.0]]),
+                                                                           "seeds": [1]}}
+    rows = jc.comparisons(one_seed, [(2, 1)])    # one seed: the bootstrap interval is a point, nothing is resolved
+    assert [(r["seeds_needed"], r["verdict"]) for r in rows] == [("", "not resolved at n = 1")] * 2
 
 
 def test_collapse_dynamics_follow_the_written_criterion():
@@ -1039,7 +1044,7 @@ SWEEP_FLAGS = ["--collapse", "--seeds", "1", *TINY]
 
 def test_a_second_sweep_into_the_same_folder_is_refused_and_the_first_finishes(tmp_path):
     sweep = tmp_path / "sweep"
-    first = subprocess.Popen([sys.executable, str(SCRIPT), *SWEEP_FLAGS, "--workers", "1", "--sweep-dir", str(sweep),
+    first = subprocess.Popen([sys.executable, str(SCRIPT), *SWEEP_FLAGS, "--workers", "2", "--sweep-dir", str(sweep),
                               "--plots-dir", str(tmp_path / "plots")], cwd=tmp_path, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     lock = sweep / "collapse" / "sweep.lock"
@@ -1105,7 +1110,8 @@ def test_a_sweep_killed_with_sigkill_resumes_to_the_summary_of_an_uninterrupted_
     os.killpg(victim.pid, signal.SIGKILL)                                  # the sweep and its worker, at once
     victim.wait()
     assert len(jc.finished_runs(sweep / "collapse")) < len(jc.COLLAPSE_ARMS)
-    again = run_script(*flags, "--sweep-dir", str(sweep), "--plots-dir", str(tmp_path / "p2"), cwd=tmp_path)
+    again = run_script(*SWEEP_FLAGS, "--workers", "2", "--sweep-dir", str(sweep), "--plots-dir", str(tmp_path / "p2"),
+                       cwd=tmp_path)                                       # the rerun may use more workers
     assert again.returncode == 0, again.stderr
     drop_wall = lambda rows: [{k: v for k, v in r.items() if k != "wall_s_per_run"} for r in rows]
     assert drop_wall(read_rows(tmp_path / "p2" / "collapse_summary.csv")[1]) == \
