@@ -658,9 +658,10 @@ def read_rows(path):
 @pytest.mark.parametrize("jepa", ["--jepa", "--no-jepa"])
 @pytest.mark.parametrize("rl_grad", ["--rl-grad", "--no-rl-grad"])
 @pytest.mark.parametrize("reg", ["--reg", "--no-reg"])
-def test_every_switch_combination_trains_end_to_end(jepa, rl_grad, reg, tmp_path):
-    result = run_script(jepa, rl_grad, reg, *TINY, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+def test_every_switch_combination_trains_end_to_end(jepa, rl_grad, reg, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    jc.main([jepa, rl_grad, reg, *TINY])                 # in this process: the script's own entry point, no start-up
+    stdout = capsys.readouterr().out
     name = "-".join(flag[2:].replace("-", "") for flag in (jepa, rl_grad, reg))   # e.g. nojepa-rlgrad-reg
     out = tmp_path / "runs" / f"{name}-seed1"
     assert out.is_dir(), list((tmp_path / "runs").iterdir())
@@ -675,7 +676,7 @@ def test_every_switch_combination_trains_end_to_end(jepa, rl_grad, reg, tmp_path
     machine = json.loads((out / "summary.json").read_text())["machine"]   # the run names what its numbers need
     assert machine == {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
                        "threads": machine["threads"]} and machine["threads"] >= 1
-    assert "training.png" in result.stdout.strip().splitlines()[-1]
+    assert "training.png" in stdout.strip().splitlines()[-1]
 
 
 def test_same_seed_gives_identical_logs(tmp_path):
@@ -1042,33 +1043,44 @@ def test_a_default_run_gives_the_numbers_it_gave_before_the_refactor(tmp_path):
 SWEEP_FLAGS = ["--collapse", "--seeds", "1", *TINY]
 
 
-def test_a_second_sweep_into_the_same_folder_is_refused_and_the_first_finishes(tmp_path):
-    sweep = tmp_path / "sweep"
-    first = subprocess.Popen([sys.executable, str(SCRIPT), *SWEEP_FLAGS, "--workers", "2", "--sweep-dir", str(sweep),
-                              "--plots-dir", str(tmp_path / "plots")], cwd=tmp_path, stdout=subprocess.PIPE,
+@pytest.fixture(scope="module")
+def contested_sweep(tmp_path_factory):
+    """A tiny collapse sweep, run to the end while a second sweep tries the same folder (one sweep's cost serves
+    the lock test and the tests of a finished sweep). Returns the folder, the first sweep's pid and result, the
+    second's result, and whether another folder's lock was free while the first held its own."""
+    root = tmp_path_factory.mktemp("finished")
+    sweep = root / "sweep"
+    first = subprocess.Popen([sys.executable, str(SCRIPT), *SWEEP_FLAGS, "--sweep-dir", str(sweep),
+                              "--plots-dir", str(root / "plots")], cwd=root, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     lock = sweep / "collapse" / "sweep.lock"
     deadline = time.time() + 60
     while not (lock.exists() and lock.read_text().strip()) and time.time() < deadline:
         time.sleep(0.1)
-    second = run_script(*SWEEP_FLAGS, "--sweep-dir", str(sweep), cwd=tmp_path)
-    assert second.returncode == 2, second.stderr
-    assert f"{sweep / 'collapse'} is in use by another sweep (process {first.pid})" in second.stderr
-    assert "Traceback" not in second.stderr
-    jc.lock_sweep(tmp_path / "other" / "collapse").close()         # another folder's lock is free meanwhile
-    out, err = first.communicate(timeout=120)
-    assert first.returncode == 0, err
-    assert len(jc.finished_runs(sweep / "collapse")) == len(jc.COLLAPSE_ARMS)
+    second = run_script(*SWEEP_FLAGS, "--sweep-dir", str(sweep), cwd=root)
+    jc.lock_sweep(root / "other" / "collapse").close()              # another folder's lock is free meanwhile
+    first_held_lock = first.poll() is None                          # the second tried while the first was running
+    out, err = first.communicate(timeout=300)
+    return root, first.pid, first.returncode, err, second, first_held_lock
 
 
 @pytest.fixture(scope="module")
-def finished_sweep(tmp_path_factory):
-    """A tiny finished collapse sweep: three run folders to damage, one way each."""
-    root = tmp_path_factory.mktemp("finished")
-    result = run_script(*SWEEP_FLAGS, "--sweep-dir", str(root / "sweep"), "--plots-dir", str(root / "plots"),
-                        cwd=root)
-    assert result.returncode == 0, result.stderr
+def finished_sweep(contested_sweep):
+    """The tiny finished collapse sweep: its run folders are damaged, one way each, in copies."""
+    root, _, returncode, err, _, _ = contested_sweep
+    assert returncode == 0, err
     return root
+
+
+def test_a_second_sweep_into_the_same_folder_is_refused_and_the_first_finishes(contested_sweep):
+    root, pid, returncode, err, second, first_held_lock = contested_sweep
+    sweep = root / "sweep"
+    assert first_held_lock
+    assert second.returncode == 2, second.stderr
+    assert f"{sweep / 'collapse'} is in use by another sweep (process {pid})" in second.stderr
+    assert "Traceback" not in second.stderr
+    assert returncode == 0, err                                     # the first, undisturbed, finishes
+    assert len(jc.finished_runs(sweep / "collapse")) == len(jc.COLLAPSE_ARMS)
 
 
 def test_collapse_sweep_writes_its_figure_and_one_row_per_arm(finished_sweep, tmp_path):
@@ -1174,23 +1186,21 @@ def test_a_failed_write_stops_with_one_line_and_keeps_the_rows(tmp_path, monkeyp
     assert columns == jc.UPDATE_COLUMNS and [int(r["step"]) for r in rows] == [64, 128]
 
 
-def test_printed_commands_make_the_runs_that_plot_collects(tmp_path):
+def test_printed_commands_make_the_runs_that_plot_collects(tmp_path, monkeypatch, capsys):
     """--print-commands: one shell line per run still to do, for any scheduler; run them, then --plot collects
     every finished run of the folder, whatever its seed."""
     sweep = tmp_path / "sweep"
-    printed = run_script(*SWEEP_FLAGS, "--seeds", "2", "--sweep-dir", str(sweep), "--print-commands", cwd=tmp_path)
-    assert printed.returncode == 0, printed.stderr
-    lines = printed.stdout.strip().splitlines()
+    monkeypatch.chdir(tmp_path)
+    jc.main([*SWEEP_FLAGS, "--seeds", "2", "--sweep-dir", str(sweep), "--print-commands"])
+    lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 * len(jc.COLLAPSE_ARMS)                                # 2 seeds of every arm
     assert all(line.startswith("python jepa_cartpole.py ") for line in lines)
     assert all("--predictor-lr-scale" in line for line in lines)                 # the collapse setting travels
     result = subprocess.run([sys.executable, str(SCRIPT), *shlex.split(lines[1])[2:]], cwd=tmp_path,
                             capture_output=True, text=True, timeout=120)                 # JEPA only, seed 2
     assert result.returncode == 0, result.stderr
-    left = run_script(*SWEEP_FLAGS, "--seeds", "2", "--sweep-dir", str(sweep), "--print-commands", cwd=tmp_path)
-    assert left.stdout.strip().splitlines() == lines[:1] + lines[2:]              # only the unfinished ones remain
-    plotted = run_script("--plot", "--sweep-dir", str(sweep), "--plots-dir", str(tmp_path / "plots"), *TINY,
-                         cwd=tmp_path)
-    assert plotted.returncode == 0, plotted.stderr
+    jc.main([*SWEEP_FLAGS, "--seeds", "2", "--sweep-dir", str(sweep), "--print-commands"])
+    assert capsys.readouterr().out.strip().splitlines() == lines[:1] + lines[2:]   # only the unfinished ones remain
+    jc.main(["--plot", "--sweep-dir", str(sweep), "--plots-dir", str(tmp_path / "plots"), *TINY])
     rows = read_rows(tmp_path / "plots" / "collapse_summary.csv")[1]
     assert [(r["arm"], r["return_per_seed"].split(":")[0]) for r in rows] == [("JEPA only", "2")]
