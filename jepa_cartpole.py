@@ -708,10 +708,13 @@ def parse_args(argv=None):
     if args.plot and not any(finished_runs(args.sweep_dir / sweep) for sweep in ("figure3", "collapse")):
         parser.error(f"--plot: no finished run in {args.sweep_dir}/figure3 or {args.sweep_dir}/collapse; run "
                      f"--figure3 or --collapse first ({args.plots_dir} is left as it is)")
-    own = {**COLLAPSE_SETTING, **{k: v for *_, changes in COLLAPSE_ARMS.values() for k, v in changes.items()}}
-    given = [f"--{k.replace('_', '-')}" for k in own if getattr(args, k) != parser.get_default(k)]
-    if args.collapse and given:   # a flag the demonstration sets itself, for all arms or for one
-        parser.error(f"{' '.join(given)}: --collapse sets {', '.join(own)} itself (README: collapse)")
+    # What --collapse sets itself: the setting of all its arms, and what one arm changes (the x100 weight). A user's
+    # value would be silently overridden in one arm and not in the others, so it is refused instead.
+    set_by_collapse = [*COLLAPSE_SETTING, *(k for *_, changes in COLLAPSE_ARMS.values() for k in changes)]
+    flags = [f"--{k.replace('_', '-')}" for k in set_by_collapse]
+    given = [flag for k, flag in zip(set_by_collapse, flags) if getattr(args, k) != parser.get_default(k)]
+    if args.collapse and given:
+        parser.error(f"{' '.join(given)}: --collapse sets {', '.join(flags)} itself (README: collapse)")
     for name in ("sweep_dir", "plots_dir"):
         path = getattr(args, name)
         if path.exists() and not path.is_dir():

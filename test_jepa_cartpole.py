@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import gymnasium as gym
 import numpy as np
@@ -1046,8 +1047,8 @@ SWEEP_FLAGS = ["--collapse", "--seeds", "1", *TINY]
 @pytest.fixture(scope="module")
 def contested_sweep(tmp_path_factory):
     """A tiny collapse sweep, run to the end while a second sweep tries the same folder (one sweep's cost serves
-    the lock test and the tests of a finished sweep). Returns the folder, the first sweep's pid and result, the
-    second's result, and whether another folder's lock was free while the first held its own."""
+    the lock test and the tests of a finished sweep). Returns the folder (root), the first sweep's process and its
+    stderr, the second sweep's result, and whether the first was still running when the second was refused."""
     root = tmp_path_factory.mktemp("finished")
     sweep = root / "sweep"
     first = subprocess.Popen([sys.executable, str(SCRIPT), *SWEEP_FLAGS, "--sweep-dir", str(sweep),
@@ -1060,26 +1061,24 @@ def contested_sweep(tmp_path_factory):
     second = run_script(*SWEEP_FLAGS, "--sweep-dir", str(sweep), cwd=root)
     jc.lock_sweep(root / "other" / "collapse").close()              # another folder's lock is free meanwhile
     first_held_lock = first.poll() is None                          # the second tried while the first was running
-    out, err = first.communicate(timeout=300)
-    return root, first.pid, first.returncode, err, second, first_held_lock
+    _, err = first.communicate(timeout=300)
+    return SimpleNamespace(root=root, first=first, first_err=err, second=second, first_held_lock=first_held_lock)
 
 
 @pytest.fixture(scope="module")
 def finished_sweep(contested_sweep):
     """The tiny finished collapse sweep: its run folders are damaged, one way each, in copies."""
-    root, _, returncode, err, _, _ = contested_sweep
-    assert returncode == 0, err
-    return root
+    assert contested_sweep.first.returncode == 0, contested_sweep.first_err
+    return contested_sweep.root
 
 
 def test_a_second_sweep_into_the_same_folder_is_refused_and_the_first_finishes(contested_sweep):
-    root, pid, returncode, err, second, first_held_lock = contested_sweep
-    sweep = root / "sweep"
-    assert first_held_lock
+    first, second, sweep = contested_sweep.first, contested_sweep.second, contested_sweep.root / "sweep"
+    assert contested_sweep.first_held_lock
     assert second.returncode == 2, second.stderr
-    assert f"{sweep / 'collapse'} is in use by another sweep (process {pid})" in second.stderr
+    assert f"{sweep / 'collapse'} is in use by another sweep (process {first.pid})" in second.stderr
     assert "Traceback" not in second.stderr
-    assert returncode == 0, err                                     # the first, undisturbed, finishes
+    assert first.returncode == 0, contested_sweep.first_err        # the first, undisturbed, finishes
     assert len(jc.finished_runs(sweep / "collapse")) == len(jc.COLLAPSE_ARMS)
 
 
