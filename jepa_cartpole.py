@@ -42,6 +42,7 @@ import json
 import math
 import multiprocessing
 import os
+import platform
 import signal
 import sys
 import time
@@ -756,10 +757,27 @@ UPDATE_COLUMNS = ["step", "mean_return", "loss", "jepa_loss", "reg_loss", "polic
                   "onpolicy_r2_theta_dot", "learning_rate", "sps"]
 
 
+def cpu_model():
+    """The CPU's vendor, model name and (family, model, stepping), from the kernel's cpuinfo on Linux, else what
+    `platform` knows (an empty string where it knows nothing)."""
+    info = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())             # the first processor's values
+    except OSError:
+        pass
+    ids = [info.get(k, "") for k in ("cpu family", "model", "stepping")]
+    return {"cpu_vendor": info.get("vendor_id", platform.system()),
+            "cpu_model": info.get("model name") or platform.processor() or platform.machine(),
+            "cpu_family_model_stepping": "/".join(ids) if all(ids) else ""}
+
+
 def machine():
-    """What a run's numbers depend on beyond its seed: the CPU kernels torch chose (AVX2 and AVX512 give other
-    floating-point results, see the README's Reproducibility), the torch version and the thread count."""
-    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+    """What a run's numbers depend on beyond its seed: the CPU (two CPUs that both report AVX512, an AMD EPYC and an
+    Intel Xeon, gave other floating-point results: README, Reproducibility), the kernels torch chose for it, the torch
+    version and the thread count."""
+    return {**cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
             "threads": torch.get_num_threads()}
 
 

@@ -675,8 +675,9 @@ def test_every_switch_combination_trains_end_to_end(jepa, rl_grad, reg, tmp_path
     assert (out / "episodes.csv").read_text().startswith("step,return,length")
     assert json.loads((out / "config.json").read_text())["jepa"] == (jepa == "--jepa")
     machine = json.loads((out / "summary.json").read_text())["machine"]   # the run names what its numbers need
-    assert machine == {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
-                       "threads": machine["threads"]} and machine["threads"] >= 1
+    assert machine == {**jc.cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                       "torch": torch.__version__, "threads": machine["threads"]} and machine["threads"] >= 1
+    assert machine["cpu_vendor"] and machine["cpu_model"]              # which CPU made these numbers
     assert "training.png" in stdout.strip().splitlines()[-1]
 
 
