@@ -1415,6 +1415,14 @@ def read_csv(path):
     return {k: np.array([float(r[k]) if r[k] not in ("", None) else np.nan for r in rows]) for k in rows[0]}
 
 
+def machine_label(machine):
+    """A run's machine in a few words: its CPU model and torch's kernels ("not recorded" for runs made before
+    summary.json named them, and only the kernels for runs made before it named the CPU)."""
+    if not machine:
+        return "not recorded"
+    return " ".join(filter(None, [machine.get("cpu_model"), machine["cpu_capability"]]))
+
+
 def load_runs(run_dirs, grid, window):
     """Finished runs' curves on `grid`: the running-average return and every column of updates.csv."""
     runs = {"seeds": [], "return": [], "wall_s": []}
@@ -1422,7 +1430,9 @@ def load_runs(run_dirs, grid, window):
         episodes = np.loadtxt(run / "episodes.csv", delimiter=",", skiprows=1, ndmin=2).reshape(-1, 3)
         runs["seeds"].append(int(run.name.rsplit("seed", 1)[1]))
         runs["return"].append(running_average_curve(episodes, grid, window))
-        runs["wall_s"].append(json.loads((run / "summary.json").read_text())["wall_s"])
+        summary = json.loads((run / "summary.json").read_text())
+        runs["wall_s"].append(summary["wall_s"])
+        runs.setdefault("machine", []).append(machine_label(summary.get("machine")))
         if (run / "inspect.json").exists():                # --inspect's probes of the final encoder, if made
             for key, value in json.loads((run / "inspect.json").read_text()).items():
                 runs.setdefault(f"inspect_{key}", []).append(value)
@@ -1500,6 +1510,8 @@ def summary_row(runs, grid):
                 if f"{kind}_r2_{name}" in runs:
                     row[f"{kind}_r2_{name}"] = f"{np.nanmean(runs[f'{kind}_r2_{name}'][:, -1]):.2f}"
     row["wall_s_per_run"] = f"{runs['wall_s'].mean():.0f}"
+    labels, counts = np.unique(runs["machine"], return_counts=True)   # a row whose runs ran on several machines says so
+    row["machines"] = "; ".join(f"{label}: {count}" for label, count in zip(labels, counts))
     return row
 
 
