@@ -16,37 +16,28 @@ README says what our runs show.
               |     +--> critic (PPO value)               |
               |                                           |
      predictor(s_x, action) --> Eq. 1: ||pred - s_y||^2 <-+
-     Eq. 2: -min(1, mean batch variance of s_x)   (collapse guard)
-     Eq. 3: total = actor + critic + JEPA (+ regulariser)
+     Eq. 2: -min(1, mean batch variance of s_x) (collapse guard); Eq. 3: total = actor + critic + JEPA (+ Eq. 2)
 
 The paper's four configurations (Section 3, Figure 3):
     python jepa_cartpole.py --no-jepa --rl-grad    --no-reg   # 1: baseline, encoder trained by PPO only
     python jepa_cartpole.py --jepa    --rl-grad    --no-reg   # 2: JEPA + RL gradients (the paper's best)
-    python jepa_cartpole.py --jepa    --no-rl-grad --no-reg   # 3: JEPA only (the paper: collapses)
+    python jepa_cartpole.py --jepa    --no-rl-grad --no-reg   # 3: JEPA only (paper: collapses; at our defaults: no)
     python jepa_cartpole.py --jepa    --no-rl-grad --reg      # 4: JEPA + regulariser (the paper: no collapse)
 
-Part 1, the method, follows the paper: settings, pixel Cart Pole, x-encoder, y-encoder, predictor, losses, PPO,
-training loop. It is a complete program: `train(build_parser().parse_args())` trains and prints a line per update.
-Part 2 (skip it on a first reading) adds the tools (run folders, diagnostics, --figure3, --collapse, --plot,
---eval, --gif); it hooks into training only through train()'s `render` and `log` arguments.
+Part 1, the method, follows the paper (settings, pixel Cart Pole, x-encoder, y-encoder, predictor, losses, PPO, training
+loop) and is a complete program: `train(build_parser().parse_args())` trains and prints a line per update. Part 2
+(skip it at first) adds the tools; it hooks into training only through train()'s `render` and `log` arguments.
 Shapes: N envs, T steps per env in a rollout, F (Fr in code) = 3 frames of H x W pixels, p x p pixels a patch, R x C
 patches a frame (P = R * C), L = 1 + F * P tokens (CLS first), Q tokens that get an output (L, or 1 in the last block),
-D = d = width of s_x, nh heads of width hs = D / nh, A = 2 actions, B a batch of windows, M a minibatch of N * T steps.
+D = d = width of s_x, nh heads of width hs = D / nh, A = 2 actions, B a batch of windows, M a minibatch (a rollout's
+N * T steps less its autoreset steps, in --num-minibatches parts: at most 512 / 8 = 64).
 """
 
 import argparse
 import collections
 import copy
-import csv
-import json
 import math
-import multiprocessing
-import os
-import platform
-import signal
-import sys
 import time
-from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -77,6 +68,7 @@ def build_parser():
     p.add_argument("--total-steps", type=int, default=100_000, help="env steps, all envs (paper: 100k)")
     p.add_argument("--num-envs", type=int, default=16, help="parallel Cart Poles: bigger, cheaper network batches")
     # --- pixels and the ViT (the paper fixes only d = 64)
+    # 16 rows of 600 / 64 = 9.375 screen px show 150 px above the frame's bottom; the upright pole needs 147.5
     p.add_argument("--image-height", type=int, default=16, help="rows: at 64 columns, the band with cart and pole")
     p.add_argument("--image-width", type=int, default=64, help="columns of the frame: the whole track")
     p.add_argument("--patch-size", type=int, default=8, help="square patch side in pixels")
@@ -92,11 +84,9 @@ def build_parser():
     p.add_argument("--ema-tau", type=float, default=0.99, help="the y-encoder's EMA rate tau (paper: 0.99)")
     p.add_argument("--jepa-coef", type=float, default=1.0, help="weight of Eq. 1 in Eq. 3 (paper: 1)")
     p.add_argument("--reg-coef", type=float, default=1.0, help="weight of Eq. 2 in Eq. 3 (paper: 1)")
-    p.add_argument("--fresh-targets", action=on_off, default=False, help="s_y for every minibatch from the current "
-                   "y-encoder (slower); default: once per rollout (see train)")
+    p.add_argument("--fresh-targets", action=on_off, default=False, help="s_y per minibatch (slower), not per rollout")
     # --- PPO: CleanRL's ppo.py, except 16 envs x 32 steps (CleanRL: 4 x 128, the same 512 per rollout), one hidden
-    #     layer per head (CleanRL: two), and every value whose help says otherwise. gamma, lambda, entropy and lr
-    #     were tuned on seeds 101-103 (README: what mattered): configuration 2's mean return at 100k, 135 -> 362.
+    #     layer per head (CleanRL: two) and every value whose help says otherwise (plots/README.md: what mattered).
     p.add_argument("--num-steps", type=int, default=32, help="rollout length per env between updates")
     p.add_argument("--num-minibatches", type=int, default=8, help="minibatches per epoch: 8 of at most 64 "
                    "(autoreset steps are left out), twice CleanRL's optimiser steps, which the ViT needs")
@@ -116,11 +106,10 @@ def build_parser():
 
 
 # ---- 2. Pixel Cart Pole (paper Section 3: "Cart Pole ... using pixel observations") -------------------------------
-# Physics: gymnasium's CartPole-v1, vectorised. The agent never sees the 4-number state; we use it only to
-# *draw* the frame. We draw gymnasium's own scene (a 600 x 400 screen showing 4.8 world units of track)
-# straight at the network's resolution, in grayscale (gymnasium's colours as luma: shapes carry the state,
-# colours do not), and only the band where cart and pole can be: sky and floor carry no information. A test
-# checks it against gymnasium's renderer; the README's benchmark measured it 163x to 188x faster.
+# Physics: gymnasium's CartPole-v1, vectorised. The agent never sees its 4 numbers (`physics` in the code, so that
+# "state" means s_x); we use them only to *draw* the frame: gymnasium's own scene (a 600 x 400 screen showing 4.8
+# world units of track), straight at the network's resolution, in grayscale (shapes carry the state, colours do not),
+# only the band where cart and pole can be. A test checks it against gymnasium's; --benchmark-renderer times both.
 
 SCREEN_WIDTH = 600.0                    # gymnasium's screen, in screen pixels
 SCALE = SCREEN_WIDTH / 4.8              # screen pixels per world unit (world width = 2 * x_threshold)
@@ -138,14 +127,14 @@ def box_coverage(offset, low, high, pixel):
     return np.clip((np.minimum(offset + pixel / 2, high) - np.maximum(offset - pixel / 2, low)) / pixel, 0.0, 1.0)
 
 
-def render_frames(states, height, width):
-    """(N, 4) states [x, x_dot, theta, theta_dot] -> (N, height, width) uint8 frames, white sky, dark objects."""
+def render_frames(physics, height, width):
+    """(N, 4) physics [x, x_dot, theta, theta_dot] -> (N, height, width) uint8 frames, white sky, dark objects."""
     pixel = SCREEN_WIDTH / width                                   # screen pixels per image pixel
     xs = ((np.arange(width) + 0.5) * pixel).astype(np.float32)    # (W,) pixel-centre screen x
     ys = (CROP_BOTTOM + (height - np.arange(height) - 0.5) * pixel).astype(np.float32)  # (H,) screen y, y up
-    cart_x = (states[:, 0] * SCALE + SCREEN_WIDTH / 2).astype(np.float32)  # (N,)
-    theta = states[:, 2].astype(np.float32)                        # (N,) radians, positive = leaning right
-    image = np.full((len(states), height, width), SKY, dtype=np.float32)   # (N, H, W)
+    cart_x = (physics[:, 0] * SCALE + SCREEN_WIDTH / 2).astype(np.float32)  # (N,)
+    theta = physics[:, 2].astype(np.float32)                       # (N,) radians, positive = leaning right
+    image = np.full((len(physics), height, width), SKY, dtype=np.float32)  # (N, H, W)
 
     def paint(coverage, gray):  # alpha-composite one shape, in gymnasium's drawing order
         image[:] = image + coverage * (gray - image)
@@ -163,23 +152,23 @@ def render_frames(states, height, width):
     return np.rint(image).astype(np.uint8)
 
 
-def push_frame(windows, frames, episode_start):
+def push_frame(frame_stack, frames, episode_start):
     """Slide each env's window [f(t-2), f(t-1), f(t)] (N, 3, H, W) on by the new frames (N, H, W). Where a new
     episode starts there is no past, so its first frame fills all three slots: a window never mixes episodes."""
-    new = np.concatenate([windows[:, 1:], frames[:, None]], axis=1)  # (N, 3, H, W)
+    new = np.concatenate([frame_stack[:, 1:], frames[:, None]], axis=1)  # (N, 3, H, W)
     new[episode_start] = frames[episode_start, None]
     return new
 
 
-def step_pixels(envs, actions, window, previous_episode_end, render):
+def step_pixels(envs, actions, frame_stack, previous_episode_end, render):
     """One step of N pixel Cart Poles, with gymnasium 1.x "next-step" autoreset.
     After an episode ends, gymnasium's NEXT step() ignores the action and returns the first observation of a new
     episode with reward 0. That step is not a real transition: valid = False there, and no loss uses it.
-    Returns (window, states, reward, terminated, episode_end, valid), episode_end = terminated or truncated.
+    Returns (frame_stack, physics, reward, terminated, episode_end, valid), episode_end = terminated or truncated.
     """
-    states, reward, terminated, truncated, _ = envs.step(actions)
-    window = push_frame(window, render(states), episode_start=previous_episode_end)
-    return window, states, reward, terminated, terminated | truncated, ~previous_episode_end
+    physics, reward, terminated, truncated, _ = envs.step(actions)
+    frame_stack = push_frame(frame_stack, render(physics), episode_start=previous_episode_end)
+    return frame_stack, physics, reward, terminated, terminated | truncated, ~previous_episode_end
 
 
 # ---- 3. x-encoder (paper Section 2, "Input and Encoder") ----------------------------------------------------------
@@ -187,7 +176,11 @@ def step_pixels(envs, actions, window, previous_episode_end, render):
 # compare the cart in f(t-2) with the cart in f(t): one frame shows where things are, three show how they move.
 # Each token's positional encoding encodes its patch row, its patch column AND its frame index (without it the
 # frames are an unordered set: try --no-frame-index). A learnable CLS token is prepended; its last-layer output,
-# s_x (width d = 64), is the state.
+# s_x (width d = 64), is the state. Defaults: 8 x 8 patches of a 16 x 64 frame give 2 x 8 = 16 patches a frame, so
+# 1 + 3 x 16 = 49 tokens; 72,128 parameters. ENCODE_CHUNK: windows per pass when a rollout or probe set is encoded,
+# so at most 256 x 4 heads x 49 x 49 attention weights (10 MB) are held at a time.
+ENCODE_CHUNK = 256
+
 
 class Block(nn.Module):
     """Pre-norm transformer block: x + Attention(LN(x)), then x + MLP(LN(x))."""
@@ -210,9 +203,8 @@ class Block(nn.Module):
 
 
 def last_block_cls_only(block, x):
-    """Speed, same result: the last block computed for the CLS token alone. Only the CLS output is read after
-    it, so only the CLS token needs a query, an attention output and an MLP there; every token still supplies
-    keys and values. A default run took 29% less time with it (README: speed); a test checks s_x is unchanged."""
+    """Speed, same result: only the CLS output is read after the last block, so only the CLS token needs a query, an
+    attention output and an MLP there (every token still gives keys and values): 29% less time, a test checks s_x."""
     return block(x, num_queries=1)                                    # (B, 1, D)
 
 
@@ -231,7 +223,9 @@ class ViTEncoder(nn.Module):
         self.row_pos = nn.Parameter(torch.randn(self.rows, dim) * 0.02)
         self.col_pos = nn.Parameter(torch.randn(self.cols, dim) * 0.02)
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio) for _ in range(depth))
-        # A final LayerNorm fixes each s's scale across its d features (up to a learned gain and bias).
+        # A final LayerNorm fixes each s's scale across its d features (up to a learned gain and bias): each sample on
+        # its own, not the batch, so it cannot prevent collapse. With gain 1 each s lies at length sqrt(d) from the
+        # bias, so the batch variance averaged over features can hardly exceed 1: Eq. 2's clamp rarely acts.
         self.norm = nn.LayerNorm(dim) if final_norm else nn.Identity()
         self.frame_index = frame_index                                 # False: --no-frame-index
 
@@ -255,8 +249,8 @@ class ViTEncoder(nn.Module):
 # ---- 4. y-encoder: an exponential moving average of the x-encoder (paper Section 2, "Input and Encoder") ----------
 # Same architecture, same initial weights (a deep copy). It reads the window one step later, [f(t-1), f(t), f(t+1)],
 # exactly the x-encoder's NEXT input: s_y is "the embedding of where the system went". It never receives gradients
-# (requires_grad_(False), not in the optimiser). After every optimiser step, in every configuration (with --no-jepa
-# nothing reads it, but model.pt's y-encoder is still the EMA):  theta_y <- tau * theta_y + (1 - tau) * theta_x
+# (requires_grad_(False), not in the optimiser). After every optimiser step, in every configuration (--no-jepa: nothing
+# reads it):  theta_y <- tau * theta_y + (1 - tau) * theta_x
 
 def make_y_encoder(x_encoder):
     return copy.deepcopy(x_encoder).requires_grad_(False)
@@ -271,7 +265,8 @@ def ema_update(y_encoder, x_encoder, tau):
 # ---- 5. Predictor (paper Section 2, "Predictor") ------------------------------------------------------------------
 # Two layers, as the paper says. It needs the action: the next frames depend on which way the cart was pushed (a
 # JEPA's predictor may take a latent variable z for what the input cannot tell; here the known action is that z).
-# The one-hot action is projected to the hidden width and added after the first layer, before its ReLU.
+# The one-hot action is projected to the hidden width and added "to the embedding after the first layer" (the paper);
+# before the ReLU is our reading. 64 -> 128 (+ the action's 2 -> 128) -> 64: 16,960 parameters.
 
 class Predictor(nn.Module):
     def __init__(self, dim, hidden, num_actions):
@@ -305,7 +300,7 @@ def embedding_variance(s):
 
 def variance_regulariser(s_x):
     # Eq. 2: L_reg = - min(1, (1/d) * sum_i Var_batch(s_x)_i). Minimising it rewards spread across the batch,
-    # the opposite of collapse. Clamped at 1 because variance is unbounded: past 1 it stops pushing.
+    # the opposite of collapse. Clamped at 1 because variance is unbounded: past 1 it stops pushing (see section 3).
     return -torch.clamp(embedding_variance(s_x), max=1.0)
 
 
@@ -328,9 +323,9 @@ def make_heads(dim, num_actions, hidden=64):
 
 def compute_gae(rewards, values, terminated, episode_end, gamma, gae_lambda):
     """GAE. rewards, terminated, episode_end: (T, N); values: (T+1, N) -> (advantages, returns), (T, N) each.
-    A termination (pole past 12 degrees, or cart off the track) has no future: V(next) counts as 0. A truncation (the
-    500-step limit) is no failure: its future is bootstrapped with V of the final window, which the next-step autoreset
-    still hands us. The recursion stops at an episode's end; autoreset steps get advantages nothing uses."""
+    A termination (pole past 12 degrees, cart off the track) has no future: V(next) counts as 0. A truncation (500
+    steps) is no failure: its future is bootstrapped with V of the final window, which the next-step autoreset gives.
+    The recursion stops at an episode's end; autoreset steps get advantages nothing uses."""
     advantages = torch.zeros_like(rewards)
     next_advantage = torch.zeros_like(rewards[0])
     for t in reversed(range(rewards.shape[0])):
@@ -347,6 +342,7 @@ def ppo_losses(logits, values, mb, clip_coef):
     dist = torch.distributions.Categorical(logits=logits)
     log_ratio = dist.log_prob(mb["actions"]) - mb["logprobs"]
     ratio = log_ratio.exp()                                           # pi_new(a|s) / pi_old(a|s)
+    # Advantages normalised per minibatch, as CleanRL does: the policy loss's scale does not grow with the return's.
     advantages = (mb["advantages"] - mb["advantages"].mean()) / (mb["advantages"].std() + 1e-8)
     # L_policy = E[ max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)) ]: the negative clipped surrogate.
     policy_loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip_coef, 1 + clip_coef)).mean()
@@ -379,7 +375,6 @@ def make_optimizer(nets, args):
 
 def training_step(nets, optimizer, mb, args):
     """One optimiser step on one minibatch `mb` (a dict of tensors): PPO + Eq. 1-3, then the EMA.
-
     mb: windows (M, 3, H, W) = [f(t-2), f(t-1), f(t)]; s_y (M, D), the y-encoder's embedding of
     [f(t-1), f(t), f(t+1)]; actions, logprobs, advantages, returns (M,). Returns the logged numbers.
     """
@@ -409,7 +404,8 @@ def training_step(nets, optimizer, mb, args):
         raise FloatingPointError(f"non-finite loss {loss.item()} (jepa {l_jepa.item()}, reg {l_reg.item()}, "
                                  f"policy {policy_loss.item()}, value {value_loss.item()})")
 
-    # 6. Backward and step, all trained networks together (one gradient clip over all of them).
+    # 6. Backward and step, all trained networks, ONE gradient clip over all: so the switches also change how much is
+    #    clipped (with --jepa Eq. 1's gradient joins the norm; with --no-rl-grad the critic's stops at s_x).
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     trained = [p for group in optimizer.param_groups for p in group["params"]]
@@ -425,17 +421,18 @@ def training_step(nets, optimizer, mb, args):
 
 
 class ConsoleLog:
-    """The door to the tools: train() calls update() once per update, in one block at the end of the iteration, and
-    finish() once. This default counts episodes and prints a line per update; Part 2's RunLog adds files."""
+    """The door to the tools: train() calls update(step, means, rollout) once per update, in one block, and finish()
+    once. This one counts episodes and prints a line; Part 2's RunLog reads more of the rollout and writes files."""
 
     def __init__(self, window=20):
-        self.window, self.returns, self.open_episodes, self.start = window, [], None, time.time()
+        self.window, self.start, self.open_episodes = window, time.time(), None   # open: each env's return, length
+        self.recent_returns = collections.deque(maxlen=window)       # the returns of the last `window` episodes
 
-    def record(self, step, numbers, rollout):
+    def record(self, step, means, rollout):
         """The update's row (with the mean return of the last `window` episodes) and its rollout's ended episodes."""
         rewards, valid, ended = (rollout[k].numpy() for k in ("rewards", "valid", "episode_end"))   # (T, N) each
         T, N = rewards.shape
-        returns, lengths = self.open_episodes or (np.zeros(N), np.zeros(N, dtype=int))  # each env's, so far
+        returns, lengths = self.open_episodes or (np.zeros(N), np.zeros(N, dtype=int))
         finished = []
         for t in range(T):
             returns += rewards[t]                                      # reward is 0 on an autoreset step
@@ -443,36 +440,40 @@ class ConsoleLog:
             for i in np.flatnonzero(ended[t]):
                 finished.append((step - (T - 1 - t) * N, returns[i], lengths[i]))
                 returns[i], lengths[i] = 0.0, 0
-        self.open_episodes, self.returns = (returns, lengths), self.returns + [r for _, r, _ in finished]
-        recent = self.returns[-self.window:]
-        return dict(numbers, step=step, mean_return=float(np.mean(recent)) if recent else float("nan"),
-                    sps=step / (time.time() - self.start)), finished
+        self.open_episodes = returns, lengths
+        self.recent_returns.extend(r for _, r, _ in finished)
+        mean_return = float(np.mean(self.recent_returns)) if self.recent_returns else float("nan")
+        return dict(means, step=step, mean_return=mean_return, sps=step / (time.time() - self.start)), finished
 
     def line(self, row, extra=""):                   # extra: a subclass's diagnostics, shown before the JEPA loss
-        collapsed = "  <- collapsed (variance below 1e-7)" if row["embedding_var"] < COLLAPSE_THRESHOLD else ""
+        collapsed = f" <- collapsed (var < {COLLAPSE_THRESHOLD:g})" if row["embedding_var"] < COLLAPSE_THRESHOLD else ""
         return (f"step {row['step']:>7} | sps {row['sps']:4.0f} | return(last {self.window}) {row['mean_return']:5.1f}"
                 f" | embedding var {row['embedding_var']:.1e}{extra} | jepa {row['jepa_loss']:.3f}{collapsed}")
 
-    def update(self, update, num_updates, step, numbers, nets, rollout):
-        self.row, _ = self.record(step, numbers, rollout)
+    def update(self, step, means, rollout):
+        self.row, _ = self.record(step, means, rollout)
         print(self.line(self.row), flush=True)
 
-    def finish(self, nets):
+    def finish(self, nets):                           # nets: for a logger that saves them (Part 2's RunLog)
         wall = time.time() - self.start
         return {"steps": self.row["step"], "wall_s": wall, "sps": self.row["step"] / wall,
                 "final_mean_return": self.row["mean_return"], "return_window_episodes": self.window}
 
 
+def rollout_sizes(num_envs, num_steps, total_steps):
+    """(transitions per rollout, updates per run): whole rollouts, at least total_steps env steps."""
+    return num_envs * num_steps, math.ceil(total_steps / (num_envs * num_steps))
+
+
 def train(args, render=None, log=None):
-    """Train the agent of Part 1's flags; returns (summary, nets). render: states -> frames; log: the tools' door."""
+    """Train the agent of Part 1's flags; returns (summary, nets). render: physics -> frames; log: the tools' door."""
     # ---- set-up: seeds, environments, networks, optimiser
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     device = torch.device(args.device)
     H, W, N, T, D = args.image_height, args.image_width, args.num_envs, args.num_steps, args.embed_dim
-    batch_size = N * T                                               # transitions per rollout
-    num_updates = math.ceil(args.total_steps / batch_size)           # whole rollouts, at least --total-steps
-    log, render = log or ConsoleLog(), render or (lambda states: render_frames(states, H, W))
+    batch_size, num_updates = rollout_sizes(N, T, args.total_steps)
+    log, render = log or ConsoleLog(), render or (lambda physics: render_frames(physics, H, W))
     envs = gym.make_vec("CartPole-v1", num_envs=N, vectorization_mode="vector_entry_point")
     nets = {k: net.to(device) for k, net in make_networks(args, envs.single_action_space.n).items()}
     x_encoder, y_encoder, actor, critic = nets["x_encoder"], nets["y_encoder"], nets["actor"], nets["critic"]
@@ -484,10 +485,9 @@ def train(args, render=None, log=None):
     logprobs, rewards, terminated, episode_end = (torch.zeros((T, N)) for _ in range(4))
     values = torch.zeros((T + 1, N))                                 # values[T]: the bootstrap value
     valid = torch.zeros((T, N), dtype=torch.bool)                    # False on autoreset steps (see step_pixels)
-    rollout_s_x, rollout_states = torch.zeros((T, N, D)), torch.zeros((T, N, 4))   # for the logger's diagnostics
-
-    states, _ = envs.reset(seed=args.seed)
-    window = push_frame(np.zeros((N, 3, H, W), np.uint8), render(states), np.ones(N, bool))  # (N, 3, H, W)
+    rollout_s_x, rollout_physics = torch.zeros((T, N, D)), torch.zeros((T, N, 4))   # for the logger's diagnostics
+    physics, _ = envs.reset(seed=args.seed)                          # (N, 4); each window starts as 3 first frames:
+    frame_stack = push_frame(np.zeros((N, 3, H, W), np.uint8), render(physics), np.ones(N, bool))   # (N, 3, H, W)
     previous_episode_end, global_step = np.zeros(N, dtype=bool), 0
 
     for update in range(1, num_updates + 1):
@@ -496,19 +496,19 @@ def train(args, render=None, log=None):
                 group["lr"] = group["base_lr"] * (1.0 - (update - 1.0) / num_updates)
 
         # ---- 1. Rollout: act with the current policy for T steps in N envs.
-        windows[0] = torch.from_numpy(window)
+        windows[0] = torch.from_numpy(frame_stack)
         for t in range(T):
-            rollout_states[t] = torch.from_numpy(states)           # the true state at f(t); the agent never sees it
+            rollout_physics[t] = torch.from_numpy(physics)         # the true state at f(t); the agent never sees it
             with torch.inference_mode():                            # no autograd bookkeeping while acting
                 s_x = x_encoder(windows[t].to(device))              # (N, D)
                 dist = torch.distributions.Categorical(logits=actor(s_x))
                 action = dist.sample()                              # (N,)
                 values[t], logprobs[t] = critic(s_x).squeeze(-1).cpu(), dist.log_prob(action).cpu()
             actions[t], rollout_s_x[t] = action.cpu(), s_x.cpu()
-            window, states, reward, term, ended, is_valid = step_pixels(envs, action.cpu().numpy(), window,
-                                                                        previous_episode_end, render)
+            frame_stack, physics, reward, term, ended, is_valid = step_pixels(
+                envs, action.cpu().numpy(), frame_stack, previous_episode_end, render)
             global_step += N               # every env step, the autoreset steps too (one per finished episode)
-            windows[t + 1], valid[t], rewards[t] = (torch.from_numpy(a) for a in (window, is_valid, reward))
+            windows[t + 1], valid[t], rewards[t] = (torch.from_numpy(a) for a in (frame_stack, is_valid, reward))
             terminated[t], episode_end[t] = torch.from_numpy(term * 1.0), torch.from_numpy(ended * 1.0)
             previous_episode_end = ended
 
@@ -519,8 +519,9 @@ def train(args, render=None, log=None):
             # Speed, NOT the same result: s_y = y-encoder(windows[t+1]) once per rollout, as the update begins. The EMA
             # runs after every optimiser step, so the targets lag it by up to epochs x minibatches - 1 steps (31 at the
             # defaults, in which the y-encoder moves 1 - 0.99^31 = 27% of the way). --fresh-targets: per minibatch
-            # (slower; README: speed). Without the lag a slow predictor did not collapse JEPA (README: collapse).
-            s_y = (torch.cat([y_encoder(w.to(device)) for w in next_windows.split(256)])
+            # (slower). At these defaults configuration 3 does not collapse (0 of 10 seeds in Figure 3); in Part 2's
+            # collapse setting (a slow predictor) --fresh-targets kept 3 of 3 seeds from it (plots/README.md: collapse).
+            s_y = (torch.cat([y_encoder(w.to(device)) for w in next_windows.split(ENCODE_CHUNK)])
                    if args.jepa and not args.fresh_targets else torch.zeros(batch_size, D))   # (N*T, D)
         advantages, returns = compute_gae(rewards, values, terminated, episode_end, args.gamma, args.gae_lambda)
 
@@ -528,20 +529,20 @@ def train(args, render=None, log=None):
         batch = {"windows": windows[:T].flatten(0, 1), "s_y": s_y, "actions": actions.flatten(),
                  "logprobs": logprobs.flatten(), "advantages": advantages.flatten(), "returns": returns.flatten()}
         valid_indices = torch.nonzero(valid.flatten()).squeeze(1)   # (N*T minus the autoreset steps,)
-        logged = []
+        step_logs = []                                              # one dict of numbers per optimiser step
         for epoch in range(args.update_epochs):
             for mb_indices in valid_indices[torch.randperm(len(valid_indices))].tensor_split(args.num_minibatches):
                 mb = {k: v[mb_indices].to(device) for k, v in batch.items()}
                 if args.fresh_targets and args.jepa:
                     with torch.no_grad():
                         mb["s_y"] = y_encoder(next_windows[mb_indices].to(device))          # (M, D)
-                logged.append({k: v.item() for k, v in training_step(nets, optimizer, mb, args).items()})
+                step_logs.append({k: v.item() for k, v in training_step(nets, optimizer, mb, args).items()})
 
-        # ---- 4. Log, in one block: the update's numbers (minibatch means) and its rollout go to the logger.
-        numbers = {k: np.mean([step_numbers[k] for step_numbers in logged]) for k in logged[0]}
-        numbers["learning_rate"] = optimizer.param_groups[0]["lr"]
-        log.update(update, num_updates, global_step, numbers, nets, rollout=dict(windows=windows, s_x=rollout_s_x,
-                   states=rollout_states, rewards=rewards, valid=valid, episode_end=episode_end))
+        # ---- 4. Log, in one block: the update's means over its optimiser steps, and its rollout, go to the logger.
+        means = {k: np.mean([numbers[k] for numbers in step_logs]) for k in step_logs[0]}
+        means["learning_rate"] = optimizer.param_groups[0]["lr"]
+        log.update(global_step, means, rollout=dict(rewards=rewards, valid=valid, episode_end=episode_end,
+                   windows=windows, s_x=rollout_s_x, physics=rollout_physics, x_encoder=x_encoder))
 
     envs.close()
     return log.finish(nets), nets
@@ -553,6 +554,14 @@ def train(args, render=None, log=None):
 # Nothing below is needed to follow the method. Here: the tools' flags and the range check of every flag, the
 # linear probe, gymnasium's renderer for checking ours, the state-based PPO reference, the Figure 3 and
 # collapse sweeps with their plots, evaluation and the GIF of a trained agent.
+import csv
+import json
+import multiprocessing
+import os
+import platform
+import signal
+import sys
+from pathlib import Path
 
 # ---- 9. The tools' flags, the range check of every flag, and a run's log files ------------------------------------
 
@@ -622,12 +631,6 @@ def add_tool_flags(p):
     return p
 
 
-def rollout_sizes(args):
-    """Transitions per rollout and updates per run, as train() computes them."""
-    batch_size = args.num_envs * args.num_steps
-    return batch_size, math.ceil(args.total_steps / batch_size)
-
-
 MODES = ("figure3", "collapse", "plot", "state_reference", "eval", "gif", "inspect", "benchmark_renderer")
 # Every number flag's valid range, [low, high] inclusive (None: unbounded). Checked before anything is written.
 FLAG_RANGES = {
@@ -681,7 +684,7 @@ def parse_args(argv=None):
                      f"screen pixels of height; the upright pole needs {POLE_SPAN:.0f} and the screen has "
                      f"{400 - CROP_BOTTOM:.0f}: keep height/width in [{POLE_SPAN / SCREEN_WIDTH:.3f}, "
                      f"{(400 - CROP_BOTTOM) / SCREEN_WIDTH:.3f}]")
-    batch_size, _ = rollout_sizes(args)
+    batch_size, _ = rollout_sizes(args.num_envs, args.num_steps, args.total_steps)
     if args.state_reference:                                            # its own rollout: 8 envs x 32 steps
         batch_size = STATE_REFERENCE["num_envs"] * STATE_REFERENCE["num_steps"]
     elif batch_size < 8 * args.num_minibatches:
@@ -788,6 +791,7 @@ class RunLog(ConsoleLog):
 
     def __init__(self, args):
         self.out, self.device, self.probe_theta = args.out, args.device, float("nan")
+        self.updates, (_, self.num_updates) = 0, rollout_sizes(args.num_envs, args.num_steps, args.total_steps)
         self.probe_set = make_probe_set(args.seed, args.image_height, args.image_width)
         self.recent_rollouts = collections.deque(maxlen=ONPOLICY_ROLLOUTS)   # for the on-policy probe
         args.out.mkdir(parents=True, exist_ok=True)
@@ -805,11 +809,12 @@ class RunLog(ConsoleLog):
         self.updates_file.flush()
         super().__init__(args.window)                                  # starts the clock
 
-    def update(self, update, num_updates, step, numbers, nets, rollout):
-        row, finished = self.record(step, numbers, rollout)
-        self.recent_rollouts.append((rollout["windows"][:-1].clone(), rollout["states"].clone()))
-        row.update(embedding_diagnostics(nets["x_encoder"], rollout["s_x"], self.probe_set, self.recent_rollouts,
-                                         self.device, update, num_updates))
+    def update(self, step, means, rollout):
+        self.updates += 1
+        row, finished = self.record(step, means, rollout)
+        self.recent_rollouts.append((rollout["windows"][:-1].clone(), rollout["physics"].clone()))
+        row.update(embedding_diagnostics(rollout["x_encoder"], rollout["s_x"], self.probe_set, self.recent_rollouts,
+                                         self.device, self.updates, self.num_updates))
         self.episodes_csv.writerows(finished)
         self.updates_csv.writerow(row)
         self.episodes_file.flush()
@@ -901,7 +906,7 @@ def linear_probe_r2(fit_s, fit_state, test_s, test_state, ridge=1e-2):
 
 def encode(x_encoder, windows, device):
     with torch.inference_mode():                            # in chunks: less memory, and faster on a CPU
-        return torch.cat([x_encoder(chunk.to(device)).cpu() for chunk in windows.split(256)]).double()  # (B, D)
+        return torch.cat([x_encoder(chunk.to(device)).cpu() for chunk in windows.split(ENCODE_CHUNK)]).double()
 
 
 def probe_r2(x_encoder, probe_set, device):
@@ -929,16 +934,45 @@ def onpolicy_probe_r2(x_encoder, recent_rollouts, device):
 
 
 # ---- 11. gymnasium's own renderer, to check ours (a test compares them) and to time it ----------------------------
+def start_envs(num_envs, seed, height=None, width=None, render=None):
+    """N Cart Poles reset from `seed` as train() starts them, with their renderer (Part 1's at height x width unless
+    `render` is given): (envs, render, frame_stack (N, 3, H, W), physics (N, 4))."""
+    render = render or (lambda physics: render_frames(physics, height, width))
+    envs = gym.make_vec("CartPole-v1", num_envs=num_envs, vectorization_mode="vector_entry_point")
+    physics, _ = envs.reset(seed=seed)
+    frames = render(physics)                                                # (N, H, W)
+    no_past = np.zeros((num_envs, 3, *frames.shape[1:]), frames.dtype)    # each window starts as 3 first frames
+    return envs, render, push_frame(no_past, frames, np.ones(num_envs, bool)), physics
+
+
+def pyplot():
+    """matplotlib's pyplot, drawing to files only (no screen needed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
 SCREEN_HEIGHT = 400.0
+
+
+SCREEN = {}                           # gymnasium's one Cart Pole screen, made on first use
+
+
+def full_scene(physics):
+    """gymnasium's own 400 x 600 RGB picture of one physics state (4,)."""
+    if not SCREEN:
+        from gymnasium.envs.classic_control.cartpole import CartPoleEnv
+        SCREEN["env"] = CartPoleEnv(render_mode="rgb_array")
+        SCREEN["env"].reset(seed=0)
+    SCREEN["env"].state = np.asarray(physics, dtype=np.float64)
+    return SCREEN["env"].render()                                       # (400, 600, 3) uint8
 
 
 class GymnasiumRenderer:
     """gymnasium's own rgb_array renderer, reduced to our frame: grayscale, same crop, box-downsampled."""
 
     def __init__(self, height, width):
-        from gymnasium.envs.classic_control.cartpole import CartPoleEnv
-        self.env = CartPoleEnv(render_mode="rgb_array")
-        self.env.reset(seed=0)
         pixel = SCREEN_WIDTH / width
         # Screen row r covers screen y in [399 - r, 400 - r) (gymnasium flips y before returning the image).
         self.rows = (int(round(SCREEN_HEIGHT - (CROP_BOTTOM + height * pixel))), int(round(SCREEN_HEIGHT - CROP_BOTTOM)))
@@ -953,15 +987,10 @@ class GymnasiumRenderer:
         overlap = np.clip(np.minimum(hi, i + 1) - np.maximum(lo, i), 0, None)
         return overlap / overlap.sum(1, keepdims=True)
 
-    def full_scene(self, state):
-        """gymnasium's own 400 x 600 RGB picture of one physics state."""
-        self.env.state = np.asarray(state, dtype=np.float64)
-        return self.env.render()                                            # (400, 600, 3) uint8
-
     def __call__(self, states):
         frames = []
         for state in states:
-            gray = self.full_scene(state).astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+            gray = full_scene(state).astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
             frames.append(self.down_rows @ gray[self.rows[0]:self.rows[1]] @ self.down_cols.T)  # (H, W)
         return np.rint(np.stack(frames)).astype(np.uint8)                   # (N, H, W)
 
@@ -1004,11 +1033,13 @@ def state_mlp(num_outputs, output_gain, hidden):
     return nn.Sequential(*layers)
 
 
-def train_state_reference(seed, total_steps, out, threads=1):
-    """PPO on CartPole-v1's true 4-number state; writes config.json, episodes.csv, updates.csv, summary.json."""
+def train_state_reference(seed, total_steps, out, threads=1, window=20):
+    """PPO on CartPole-v1's true 4-number state; writes config.json, episodes.csv, updates.csv, summary.json. The
+    rollout is Part 1's, with the 4 numbers as the "frame" (start_envs, step_pixels) and its episode accounting
+    (ConsoleLog.record); the networks, the update and the settings are the reference's own."""
     cfg = argparse.Namespace(**STATE_REFERENCE, seed=seed, total_steps=total_steps)
     N, T = cfg.num_envs, cfg.num_steps
-    num_updates = math.ceil(total_steps / (N * T))
+    _, num_updates = rollout_sizes(N, T, total_steps)
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -1021,7 +1052,7 @@ def train_state_reference(seed, total_steps, out, threads=1):
     episodes_log.writerow(["step", "return", "length"])
     updates_log.writerow(["step", "mean_return", "learning_rate", "clip_coef", "policy_loss", "value_loss", "approx_kl"])
 
-    envs = gym.make_vec("CartPole-v1", num_envs=N, vectorization_mode="vector_entry_point")
+    envs, the_state, stack, physics = start_envs(N, seed, render=lambda physics: physics)   # (N, 3, 4): 3 states
     actor = state_mlp(envs.single_action_space.n, 0.01, cfg.hidden)           # near-uniform first policy
     critic = state_mlp(1, 1.0, cfg.hidden)
     params = [*actor.parameters(), *critic.parameters()]
@@ -1030,33 +1061,27 @@ def train_state_reference(seed, total_steps, out, threads=1):
     actions = torch.zeros((T, N), dtype=torch.long)
     logprobs, rewards, terminated, episode_end = (torch.zeros((T, N)) for _ in range(4))
     valid = torch.zeros((T, N), dtype=torch.bool)
-    states, _ = envs.reset(seed=seed)
-    previous_episode_end = np.zeros(N, dtype=bool)      # next-step autoreset, as in step_pixels
-    episode_return, episode_length, recent_returns = np.zeros(N), np.zeros(N, dtype=int), []
-    global_step, start = 0, time.time()
+    log = ConsoleLog(window)                             # counts the episodes; its clock starts here
+    previous_episode_end, global_step = np.zeros(N, dtype=bool), 0
     for update in range(num_updates):
         fraction_left = 1.0 - update / num_updates      # RL Zoo's lin_1e-3 and lin_0.2 schedules
         optimizer.param_groups[0]["lr"] = cfg.learning_rate * fraction_left
-        observations[0] = torch.as_tensor(states, dtype=torch.float32)
+        observations[0] = torch.as_tensor(physics, dtype=torch.float32)
         for t in range(T):                              # ---- rollout
             with torch.no_grad():
                 dist = torch.distributions.Categorical(logits=actor(observations[t]))   # (N, 2)
                 actions[t] = dist.sample()
                 logprobs[t] = dist.log_prob(actions[t])
-            states, reward, term, trunc, _ = envs.step(actions[t].numpy())
+            stack, physics, reward, term, ended, is_valid = step_pixels(envs, actions[t].numpy(), stack,
+                                                                        previous_episode_end, the_state)
             global_step += N
-            observations[t + 1] = torch.as_tensor(states, dtype=torch.float32)
+            observations[t + 1] = torch.as_tensor(physics, dtype=torch.float32)
             rewards[t], terminated[t] = torch.as_tensor(reward), torch.as_tensor(term * 1.0)
-            valid[t] = torch.as_tensor(~previous_episode_end)
-            previous_episode_end = term | trunc
-            episode_end[t] = torch.as_tensor(previous_episode_end * 1.0)
-            episode_return += reward
-            episode_length += valid[t].numpy()
-            for i in np.flatnonzero(previous_episode_end):
-                episodes_log.writerow([global_step, episode_return[i], episode_length[i]])
-                recent_returns.append(episode_return[i])
-                episode_return[i], episode_length[i] = 0.0, 0
-            episodes_file.flush()
+            valid[t], episode_end[t] = torch.as_tensor(is_valid), torch.as_tensor(ended * 1.0)
+            previous_episode_end = ended
+        row, finished = log.record(global_step, {}, dict(rewards=rewards, valid=valid, episode_end=episode_end))
+        episodes_log.writerows(finished)
+        episodes_file.flush()
         with torch.no_grad():                           # ---- advantages, with Part 1's GAE
             values = critic(observations).squeeze(-1)   # (T+1, N)
             advantages, returns = compute_gae(rewards, values, terminated, episode_end, cfg.gamma, cfg.gae_lambda)
@@ -1071,17 +1096,16 @@ def train_state_reference(seed, total_steps, out, threads=1):
             loss.backward()
             nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
-        mean_return = float(np.mean(recent_returns[-20:])) if recent_returns else float("nan")
-        updates_log.writerow([global_step, mean_return, cfg.learning_rate * fraction_left,
+        updates_log.writerow([global_step, row["mean_return"], cfg.learning_rate * fraction_left,
                               cfg.clip_coef * fraction_left, policy_loss.item(), value_loss.item(), approx_kl.item()])
         updates_file.flush()
     for file in (episodes_file, updates_file, envs):
         file.close()
-    wall = time.time() - start
+    wall, mean_return = time.time() - log.start, row["mean_return"]
     summary = {"steps": global_step, "wall_s": wall, "sps": global_step / wall, "final_mean_return": mean_return,
                "machine": machine()}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"done: {global_step} steps in {wall:.0f}s; return (last 20 episodes) {mean_return:.1f}; logs in {out}")
+    print(f"done: {global_step} steps in {wall:.0f}s; return (last {window} episodes) {mean_return:.1f}; logs in {out}")
     return summary
 
 
@@ -1212,7 +1236,7 @@ def _sweep_worker(run_args):
     with open(run_args.out / "console.log", "w") as console:
         sys.stdout = console
         if run_args.state_reference:
-            train_state_reference(run_args.seed, run_args.total_steps, run_args.out)
+            train_state_reference(run_args.seed, run_args.total_steps, run_args.out, window=run_args.window)
         else:
             train(run_args, log=RunLog(run_args))
             plot_training(run_args.out)
@@ -1271,7 +1295,7 @@ def run_sweep(args, kind):
     lock = lock_sweep(args.sweep_dir / kind)
     jobs = unfinished_jobs(args, kind)
     total = sum(len(g) for g in sweep_jobs(args, kind).values())
-    steps_per_run = math.prod(rollout_sizes(args))
+    steps_per_run = math.prod(rollout_sizes(args.num_envs, args.num_steps, args.total_steps))
     print(f"{kind}: {total - len(jobs)}/{total} runs already finished in {args.sweep_dir / kind}; running "
           f"{len(jobs)} with {args.workers} workers (progress: console.log in each run folder)")
     start = time.time()
@@ -1330,6 +1354,14 @@ def iqm(x):
     x = np.sort(np.asarray(x, dtype=float), axis=-1)
     cut = int(0.25 * x.shape[-1])
     return x[..., cut:x.shape[-1] - cut].mean(-1)
+
+
+def iqm_band(curves, resamples=2_000, seed=BOOTSTRAP_SEED):
+    """Learning curves (n seeds, G steps) -> the IQM over seeds at each step and its 95% percentile-bootstrap band
+    (rliable's curves), seeds resampled together at every step; 2,000 resamples: a curve's band, not a verdict."""
+    picks = np.random.default_rng(seed).integers(0, len(curves), size=(resamples, len(curves)))   # (R, n)
+    resampled = iqm(np.moveaxis(curves[picks], 1, -1))                                           # (R, G)
+    return iqm(curves.T), *np.nanpercentile(resampled, [2.5, 97.5], axis=0)
 
 
 def probability_of_improvement(x, y):
@@ -1515,7 +1547,7 @@ def summary_row(runs, grid):
     return row
 
 
-def plot_intervals(args, sweep, labels, plt):
+def plot_intervals(args, sweep, plt):
     """plots/intervals.png, as rliable draws them: per configuration the IQM (tick) and its 95% bootstrap interval
     (bar) for the final return and for the area under the curve; then P(X > Y) for the paper's pairs."""
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.6))
@@ -1556,15 +1588,13 @@ def plot(args):
     """Figure 3 and the collapse figure with their tables, from whichever sweeps have finished runs."""
     import warnings
     with warnings.catch_warnings():     # before a run's first probe or episode its curves are NaN: nothing to warn
-        warnings.filterwarnings("ignore", "Mean of empty slice|Degrees of freedom", RuntimeWarning)
+        warnings.filterwarnings("ignore", "Mean of empty slice|Degrees of freedom|All-NaN slice", RuntimeWarning)
         draw_figures(args)
 
 
 def draw_figures(args):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    batch_size, num_updates = rollout_sizes(args)
+    plt = pyplot()
+    batch_size, num_updates = rollout_sizes(args.num_envs, args.num_steps, args.total_steps)
     grid = np.arange(batch_size, num_updates * batch_size + 1, batch_size)     # one point per rollout
     args.plots_dir.mkdir(parents=True, exist_ok=True)
     for kind in ("figure3", "collapse"):
@@ -1574,8 +1604,10 @@ def draw_figures(args):
             continue
         labels = ({**{c: v[3] for c, v in FIGURE3_CONFIGS.items()}, "state": "state-based PPO reference"}
                   if kind == "figure3" else {arm: arm for arm in COLLAPSE_ARMS})
-        panels = ([("return", "(a) episodic return, running average of the last %d episodes" % args.window),
-                   ("embedding_var", "(b) mean batch-wise variance of s_x (collapse indicator)")]
+        panels = ([("return", "(a) episodic return, running average of the last %d episodes\n(IQM of the seeds, band: "
+                              "its 95%% bootstrap interval)" % args.window),
+                   ("embedding_var", "(b) mean batch-wise variance of s_x (collapse indicator)\n(geometric mean of "
+                                     "the seeds, band: lowest to highest)")]
                   if kind == "figure3" else
                   [("embedding_var", "mean batch-wise variance of s_x"), ("effective_rank", "effective rank of s_x"),
                    ("collapsed", f"share of seeds collapsed (eff. rank < {COLLAPSED_RANK})"),
@@ -1596,10 +1628,10 @@ def draw_figures(args):
                     log = np.log10(np.maximum(runs[column], 1e-30))
                     ax.plot(grid, 10 ** log.mean(0), lw=2, label=labels[group], **style)
                     ax.fill_between(grid, 10 ** log.min(0), 10 ** log.max(0), color=COLORS[group], alpha=0.15)
-                else:                                    # mean and +-1 std band
-                    mean, std = np.nanmean(runs[column], 0), np.nanstd(runs[column], 0)
-                    ax.plot(grid, mean, lw=2, label=f"{labels[group]}, {len(runs['seeds'])} seeds", **style)
-                    ax.fill_between(grid, mean - std, mean + std, color=COLORS[group], alpha=0.15)
+                else:                                    # the IQM over seeds and its 95% bootstrap band, as the tables
+                    point, low, high = iqm_band(runs[column])
+                    ax.plot(grid, point, lw=2, label=f"{labels[group]}, IQM of {len(runs['seeds'])} seeds", **style)
+                    ax.fill_between(grid, low, high, color=COLORS[group], alpha=0.15)
                 for curve in runs[column]:               # every seed, thin
                     ax.plot(grid, curve, lw=0.6, alpha=0.5, **style)
             if column == "embedding_var":
@@ -1613,7 +1645,8 @@ def draw_figures(args):
                 ax.set_ylim(-0.02, 1.02)
             ax.set(title=title, xlabel="environment steps")
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=8, **(dict(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)   # off the curves
+                                     if kind == "figure3" else {}))
         fig.suptitle("Figure 3 reproduced: JEPA + PPO on pixel Cart Pole (thin lines: single seeds)" if kind == "figure3"
                      else f"When does JEPA collapse? setting {COLLAPSE_SETTING} (thin lines: single seeds)", fontsize=13)
         fig.tight_layout()
@@ -1624,7 +1657,7 @@ def draw_figures(args):
         write_csv(args.plots_dir / f"{kind}_summary.csv", rows)
         if kind == "figure3":
             write_probe_table(args, sweep)
-            if (pairs := plot_intervals(args, sweep, labels, plt)):
+            if (pairs := plot_intervals(args, sweep, plt)):
                 write_csv(args.plots_dir / "figure3_comparisons.csv", pairs)
             write_figure3_curves(args, sweep, grid)
             plot_probe(args, sweep, grid, plt)
@@ -1688,9 +1721,7 @@ def plot_probe(args, sweep, grid, plt):
 
 def plot_training(run_dir):
     """<run>/training.png: return, embedding variance, effective rank and JEPA loss against steps, for one run."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     updates = read_csv(run_dir / "updates.csv")
     fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
     for ax, column, title in zip(axes, ["mean_return", "embedding_var", "effective_rank", "jepa_loss"],
@@ -1713,14 +1744,11 @@ def plot_training(run_dir):
 def plot_observation(args, plt):
     """plots/observation.png: one transition as the networks see it, with the patch grid, beside the scene."""
     H, W, p = args.image_height, args.image_width, args.patch_size
-    envs = gym.make_vec("CartPole-v1", num_envs=1, vectorization_mode="vector_entry_point")
-    states, _ = envs.reset(seed=3)
-    window = push_frame(np.zeros((1, 3, H, W), np.uint8), render_frames(states, H, W), np.ones(1, bool))
+    envs, render, window, physics = start_envs(1, 3, H, W)
     for _ in range(8):                     # push right a few times, so the frames show motion
         x_window = window
-        window, states, *_ = step_pixels(envs, np.ones(1, dtype=np.int64), window, np.zeros(1, bool),
-                                         lambda s: render_frames(s, H, W))
-    scene = GymnasiumRenderer(H, W).full_scene(states[0])
+        window, physics, *_ = step_pixels(envs, np.ones(1, dtype=np.int64), window, np.zeros(1, bool), render)
+    scene = full_scene(physics[0])
     fig = plt.figure(figsize=(17, 4.8))
     grid_spec = fig.add_gridspec(3, 4, width_ratios=[1, 1, 1, 1.5], height_ratios=[1, 0.3, 1])
     titles = [["x-encoder input: f(t-2)", "f(t-1)", "f(t)"], ["y-encoder input: f(t-1)", "f(t)", "f(t+1)"]]
@@ -1770,10 +1798,7 @@ def play_greedy(run_dir, episodes, seed, on_step=None):
     """Play `episodes` episodes (one per env) with the greedy policy; returns their returns (episodes,)."""
     run_args, nets = load_run(run_dir)
     H, W = run_args.image_height, run_args.image_width
-    render = lambda states: render_frames(states, H, W)
-    envs = gym.make_vec("CartPole-v1", num_envs=episodes, vectorization_mode="vector_entry_point")
-    states, _ = envs.reset(seed=seed)
-    window = push_frame(np.zeros((episodes, 3, H, W), np.uint8), render(states), np.ones(episodes, bool))
+    envs, render, window, states = start_envs(episodes, seed, H, W)
     returns, finished = np.zeros(episodes), np.zeros(episodes, bool)
     while not finished.all():
         if on_step:
@@ -1809,10 +1834,7 @@ def inspect_run(run_dir):
     H, W, N, T = run_args.image_height, run_args.image_width, run_args.num_envs, run_args.num_steps
     seed = 10_000 + run_args.seed
     torch.manual_seed(seed)
-    render = lambda states: render_frames(states, H, W)
-    envs = gym.make_vec("CartPole-v1", num_envs=N, vectorization_mode="vector_entry_point")
-    states, _ = envs.reset(seed=seed)
-    window = push_frame(np.zeros((N, 3, H, W), np.uint8), render(states), np.ones(N, bool))
+    envs, render, window, states = start_envs(N, seed, H, W)
     windows, visited, actions, valid = [window], [states], [], []
     previous_episode_end = np.zeros(N, bool)
     for _ in range(ONPOLICY_ROLLOUTS * T):
@@ -1850,15 +1872,12 @@ def inspect_run(run_dir):
 
 def make_gif(args):
     """One greedy episode: gymnasium's full scene beside the three frames the encoder receives."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.animation import FuncAnimation, PillowWriter
     scenes, windows = [], []
-    gymnasium_renderer = GymnasiumRenderer(16, 64)           # only its full_scene is used
 
     def record(states, window):
-        scenes.append(gymnasium_renderer.full_scene(states[0])[::2, ::2])   # (200, 300, 3): half size, small GIF
+        scenes.append(full_scene(states[0])[::2, ::2])      # (200, 300, 3): half size, small GIF
         windows.append(window[0])
     episode_return = play_greedy(args.gif, 1, seed=10_000 + args.seed, on_step=record)[0]
     frames = range(0, len(scenes), 2)                        # every 2nd step, played at 25 fps = real time
@@ -1903,7 +1922,7 @@ def main(argv=None):
         elif args.inspect:
             inspect_run(args.inspect)
         elif args.state_reference:
-            train_state_reference(args.seed, args.total_steps, args.out, args.threads)
+            train_state_reference(args.seed, args.total_steps, args.out, args.threads, args.window)
         else:
             if args.threads:
                 torch.set_num_threads(args.threads)
