@@ -561,18 +561,10 @@ import os
 import platform
 import signal
 import sys
+import warnings
 from pathlib import Path
 
 # ---- 9. The tools' flags, the range check of every flag, and a run's log files ------------------------------------
-
-CONFIGURATIONS_HELP = """
-the paper's four configurations (Section 3):
-  1  --no-jepa --rl-grad    --no-reg   baseline: encoder trained by the actor/critic losses only
-  2  --jepa    --rl-grad    --no-reg   JEPA + RL gradients: the paper's best
-  3  --jepa    --no-rl-grad --no-reg   JEPA only: the paper reports collapse; what our runs show is in the README
-                                       ("When does JEPA collapse?") and in --collapse
-  4  --jepa    --no-rl-grad --reg      JEPA + variance regulariser
-"""
 
 # The collapse demonstration's setting: choices the paper leaves open, never what it fixes (README: "When does
 # JEPA collapse?" has the runs that chose it). Applied to the collapse sweep's runs by --collapse.
@@ -588,7 +580,7 @@ COLLAPSE_ARMS = {  # name: (jepa, rl_grad, reg, what else the arm changes)
 
 
 def add_tool_flags(p):
-    p.epilog = CONFIGURATIONS_HELP
+    p.epilog = __doc__[__doc__.index("The paper's four"):__doc__.index("Part 1, the method")]   # the docstring's list
     run = p.add_argument_group("where a run runs and writes")
     run.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 keeps torch's default")
     run.add_argument("--out", type=Path, default=None, help="run folder [runs/<switches>-seed<k>]")
@@ -1586,85 +1578,84 @@ def plot_intervals(args, sweep, plt):
 
 def plot(args):
     """Figure 3 and the collapse figure with their tables, from whichever sweeps have finished runs."""
-    import warnings
-    with warnings.catch_warnings():     # before a run's first probe or episode its curves are NaN: nothing to warn
-        warnings.filterwarnings("ignore", "Mean of empty slice|Degrees of freedom|All-NaN slice", RuntimeWarning)
-        draw_figures(args)
-
-
-def draw_figures(args):
-    plt = pyplot()
-    batch_size, num_updates = rollout_sizes(args.num_envs, args.num_steps, args.total_steps)
+    plt, (batch_size, num_updates) = pyplot(), rollout_sizes(args.num_envs, args.num_steps, args.total_steps)
     grid = np.arange(batch_size, num_updates * batch_size + 1, batch_size)     # one point per rollout
     args.plots_dir.mkdir(parents=True, exist_ok=True)
-    for kind in ("figure3", "collapse"):
-        sweep = load_sweep(args, kind, grid)
-        if not sweep:
-            print(f"{kind}: no finished runs in {args.sweep_dir / kind}; its figures are left as they are")
-            continue
-        labels = ({**{c: v[3] for c, v in FIGURE3_CONFIGS.items()}, "state": "state-based PPO reference"}
-                  if kind == "figure3" else {arm: arm for arm in COLLAPSE_ARMS})
-        panels = ([("return", "(a) episodic return, running average of the last %d episodes\n(IQM of the seeds, band: "
-                              "its 95%% bootstrap interval)" % args.window),
-                   ("embedding_var", "(b) mean batch-wise variance of s_x (collapse indicator)\n(geometric mean of "
-                                     "the seeds, band: lowest to highest)")]
-                  if kind == "figure3" else
-                  [("embedding_var", "mean batch-wise variance of s_x"), ("effective_rank", "effective rank of s_x"),
-                   ("collapsed", f"share of seeds collapsed (eff. rank < {COLLAPSED_RANK})"),
-                   ("probe_r2_theta", "probe: held-out R² of θ"), ("return", "return, running average of %d episodes"
-                                                                   % args.window)])
-        fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels) if kind == "figure3" else 5 * len(panels), 5.2))
-        for ax, (column, title) in zip(axes, panels):
-            for group, runs in sweep.items():
-                if column == "collapsed":                # how many seeds are collapsed at each step
-                    ax.plot(grid, (runs["effective_rank"] < COLLAPSED_RANK).mean(0), lw=2, color=COLORS[group],
-                            label=f"{labels[group]}: {sum(collapse_dynamics(grid, r)[1] for r in runs['effective_rank'])}"
-                                  f" of {len(runs['seeds'])} collapsed by the criterion")
-                    continue
-                if column not in runs:
-                    continue
-                style = dict(color=COLORS[group], ls="--" if group == "state" else "-")
-                if column == "embedding_var":            # geometric mean and min-max band on a log axis
-                    log = np.log10(np.maximum(runs[column], 1e-30))
-                    ax.plot(grid, 10 ** log.mean(0), lw=2, label=labels[group], **style)
-                    ax.fill_between(grid, 10 ** log.min(0), 10 ** log.max(0), color=COLORS[group], alpha=0.15)
-                else:                                    # the IQM over seeds and its 95% bootstrap band, as the tables
-                    point, low, high = iqm_band(runs[column])
-                    ax.plot(grid, point, lw=2, label=f"{labels[group]}, IQM of {len(runs['seeds'])} seeds", **style)
-                    ax.fill_between(grid, low, high, color=COLORS[group], alpha=0.15)
-                for curve in runs[column]:               # every seed, thin
-                    ax.plot(grid, curve, lw=0.6, alpha=0.5, **style)
-            if column == "embedding_var":
-                ax.axhline(COLLAPSE_THRESHOLD, color="black", ls=":", lw=1.5, label="collapse threshold 1e-7")
-                ax.set_yscale("log")
-            if column == "effective_rank":
-                ax.axhline(COLLAPSED_RANK, color="black", ls=":", lw=1.5, label=f"collapsed below {COLLAPSED_RANK}")
-                ax.set_yscale("log")
-            if column == "collapsed":
-                ax.axvline(COLLAPSE_GRACE_STEPS, color="black", ls=":", lw=1, label="the criterion counts from here")
-                ax.set_ylim(-0.02, 1.02)
-            ax.set(title=title, xlabel="environment steps")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8, **(dict(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)   # off the curves
-                                     if kind == "figure3" else {}))
-        fig.suptitle("Figure 3 reproduced: JEPA + PPO on pixel Cart Pole (thin lines: single seeds)" if kind == "figure3"
-                     else f"When does JEPA collapse? setting {COLLAPSE_SETTING} (thin lines: single seeds)", fontsize=13)
-        fig.tight_layout()
-        fig.savefig(args.plots_dir / f"{kind}.png", dpi=100)
-        plt.close(fig)
-        rows = [{"config" if kind == "figure3" else "arm": group, **summary_row(runs, grid)}
-                for group, runs in sweep.items()]
-        write_csv(args.plots_dir / f"{kind}_summary.csv", rows)
-        if kind == "figure3":
-            write_probe_table(args, sweep)
-            if (pairs := plot_intervals(args, sweep, plt)):
-                write_csv(args.plots_dir / "figure3_comparisons.csv", pairs)
-            write_figure3_curves(args, sweep, grid)
-            plot_probe(args, sweep, grid, plt)
-            plot_observation(args, plt)
-        elif (pairs := comparisons(sweep, COLLAPSE_PAIRS)):
-            write_csv(args.plots_dir / "collapse_comparisons.csv", pairs)
+    with warnings.catch_warnings():     # before a run's first probe or episode its curves are NaN: nothing to warn
+        warnings.filterwarnings("ignore", "Mean of empty slice|Degrees of freedom|All-NaN slice", RuntimeWarning)
+        for kind in ("figure3", "collapse"):
+            plot_sweep(args, kind, grid, plt)
     print(f"figures and tables in {args.plots_dir}")
+
+
+def plot_sweep(args, kind, grid, plt):
+    """One sweep's figure and tables: Figure 3 (with the intervals, probes and observation) or the collapse figure."""
+    sweep = load_sweep(args, kind, grid)
+    if not sweep:
+        print(f"{kind}: no finished runs in {args.sweep_dir / kind}; its figures are left as they are")
+        return
+    labels = ({**{c: v[3] for c, v in FIGURE3_CONFIGS.items()}, "state": "state-based PPO reference"}
+              if kind == "figure3" else {arm: arm for arm in COLLAPSE_ARMS})
+    panels = ([("return", "(a) episodic return, running average of the last %d episodes\n(IQM of the seeds, band: "
+                          "its 95%% bootstrap interval)" % args.window),
+               ("embedding_var", "(b) mean batch-wise variance of s_x (collapse indicator)\n(geometric mean of "
+                                 "the seeds, band: lowest to highest)")]
+              if kind == "figure3" else
+              [("embedding_var", "mean batch-wise variance of s_x"), ("effective_rank", "effective rank of s_x"),
+               ("collapsed", f"share of seeds collapsed (eff. rank < {COLLAPSED_RANK})"),
+               ("probe_r2_theta", "probe: held-out R² of θ"), ("return", "return, running average of %d episodes"
+                                                               % args.window)])
+    fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels) if kind == "figure3" else 5 * len(panels), 5.2))
+    for ax, (column, title) in zip(axes, panels):
+        for group, runs in sweep.items():
+            if column == "collapsed":                # how many seeds are collapsed at each step
+                ax.plot(grid, (runs["effective_rank"] < COLLAPSED_RANK).mean(0), lw=2, color=COLORS[group],
+                        label=f"{labels[group]}: {sum(collapse_dynamics(grid, r)[1] for r in runs['effective_rank'])}"
+                              f" of {len(runs['seeds'])} collapsed by the criterion")
+                continue
+            if column not in runs:
+                continue
+            style = dict(color=COLORS[group], ls="--" if group == "state" else "-")
+            if column == "embedding_var":            # geometric mean and min-max band on a log axis
+                log = np.log10(np.maximum(runs[column], 1e-30))
+                ax.plot(grid, 10 ** log.mean(0), lw=2, label=labels[group], **style)
+                ax.fill_between(grid, 10 ** log.min(0), 10 ** log.max(0), color=COLORS[group], alpha=0.15)
+            else:                                    # the IQM over seeds and its 95% bootstrap band, as the tables
+                point, low, high = iqm_band(runs[column])
+                ax.plot(grid, point, lw=2, label=f"{labels[group]}, IQM of {len(runs['seeds'])} seeds", **style)
+                ax.fill_between(grid, low, high, color=COLORS[group], alpha=0.15)
+            for curve in runs[column]:               # every seed, thin
+                ax.plot(grid, curve, lw=0.6, alpha=0.5, **style)
+        if column == "embedding_var":
+            ax.axhline(COLLAPSE_THRESHOLD, color="black", ls=":", lw=1.5, label="collapse threshold 1e-7")
+            ax.set_yscale("log")
+        if column == "effective_rank":
+            ax.axhline(COLLAPSED_RANK, color="black", ls=":", lw=1.5, label=f"collapsed below {COLLAPSED_RANK}")
+            ax.set_yscale("log")
+        if column == "collapsed":
+            ax.axvline(COLLAPSE_GRACE_STEPS, color="black", ls=":", lw=1, label="the criterion counts from here")
+            ax.set_ylim(-0.02, 1.02)
+        ax.set(title=title, xlabel="environment steps")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, **(dict(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)   # off the curves
+                                 if kind == "figure3" else {}))
+    fig.suptitle("Figure 3 reproduced: JEPA + PPO on pixel Cart Pole (thin lines: single seeds)" if kind == "figure3"
+                 else f"When does JEPA collapse? setting {COLLAPSE_SETTING} (thin lines: single seeds)", fontsize=13)
+    fig.tight_layout()
+    fig.savefig(args.plots_dir / f"{kind}.png", dpi=100)
+    plt.close(fig)
+    rows = [{"config" if kind == "figure3" else "arm": group, **summary_row(runs, grid)}
+            for group, runs in sweep.items()]
+    write_csv(args.plots_dir / f"{kind}_summary.csv", rows)
+    if kind == "figure3":
+        write_probe_table(args, sweep)
+        if (pairs := plot_intervals(args, sweep, plt)):
+            write_csv(args.plots_dir / "figure3_comparisons.csv", pairs)
+        write_figure3_curves(args, sweep, grid)
+        plot_probe(args, sweep, grid, plt)
+        plot_observation(args, plt)
+    elif (pairs := comparisons(sweep, COLLAPSE_PAIRS)):
+        write_csv(args.plots_dir / "collapse_comparisons.csv", pairs)
 
 
 def write_probe_table(args, sweep):
