@@ -30,7 +30,7 @@ loop) and is a complete program: `train(build_parser().parse_args())` trains and
 Shapes: N envs, T steps per env in a rollout, F (Fr in code) = 3 frames of H x W pixels, p x p pixels a patch, R x C
 patches a frame (P = R * C), L = 1 + F * P tokens (CLS first), Q tokens that get an output (L, or 1 in the last block),
 D = d = width of s_x, nh heads of width hs = D / nh, A = 2 actions, B a batch of windows, M a minibatch (a rollout's
-N * T steps less its autoreset steps, in --num-minibatches parts: at most 512 / 8 = 64).
+N * T steps less its autoreset steps, in --num-minibatches parts: at most 512 / 8 = 64 at the defaults).
 """
 
 import argparse
@@ -86,7 +86,7 @@ def build_parser():
     p.add_argument("--reg-coef", type=float, default=1.0, help="weight of Eq. 2 in Eq. 3 (paper: 1)")
     p.add_argument("--fresh-targets", action=on_off, default=False, help="s_y per minibatch (slower), not per rollout")
     # --- PPO: CleanRL's ppo.py, except 16 envs x 32 steps (CleanRL: 4 x 128, the same 512 per rollout), one hidden
-    #     layer per head (CleanRL: two) and every value whose help says otherwise (plots/README.md: what mattered).
+    #     layer per head (CleanRL: two) and every value whose help says otherwise (plots/README.md: What mattered).
     p.add_argument("--num-steps", type=int, default=32, help="rollout length per env between updates")
     p.add_argument("--num-minibatches", type=int, default=8, help="minibatches per epoch: 8 of at most 64 "
                    "(autoreset steps are left out), twice CleanRL's optimiser steps, which the ViT needs")
@@ -101,14 +101,14 @@ def build_parser():
     p.add_argument("--ent-coef", type=float, default=0.0, help="entropy bonus weight (RL Zoo's)")
     p.add_argument("--vf-coef", type=float, default=0.5, help="value loss weight (no value clipping)")
     p.add_argument("--max-grad-norm", type=float, default=5.0, help="gradient clipping over all trained networks; "
-                   "CleanRL's 0.5 learned slower in our round-1 tuning (README): JEPA's early gradient norms are ~100")
+                   "CleanRL's 0.5 learned slower (round 1, plots/README.md): JEPA's early gradient norms are ~100")
     return p   # Part 2 adds the tools' flags, and checks every value's range before a run starts
 
 
 # ---- 2. Pixel Cart Pole (paper Section 3: "Cart Pole ... using pixel observations") -------------------------------
 # Physics: gymnasium's CartPole-v1, vectorised. The agent never sees its 4 numbers (`physics` in the code, so that
 # "state" means s_x); we use them only to *draw* the frame: gymnasium's own scene (a 600 x 400 screen showing 4.8
-# world units of track), straight at the network's resolution, in grayscale (shapes carry the state, colours do not),
+# world units of track), straight at the network's resolution, in grayscale (shapes carry the physics, colours not),
 # only the band where cart and pole can be. A test checks it against gymnasium's; --benchmark-renderer times both.
 
 SCREEN_WIDTH = 600.0                    # gymnasium's screen, in screen pixels
@@ -153,8 +153,8 @@ def render_frames(physics, height, width):
 
 
 def push_frame(frame_stack, frames, episode_start):
-    """Slide each env's window [f(t-2), f(t-1), f(t)] (N, 3, H, W) on by the new frames (N, H, W). Where a new
-    episode starts there is no past, so its first frame fills all three slots: a window never mixes episodes."""
+    """Slide each env's window (its 3 stacked frames [f(t-2), f(t-1), f(t)], (N, 3, H, W)) on by the new frames
+    (N, H, W). Where an episode starts there is no past: its first frame fills all 3 slots, never mixing episodes."""
     new = np.concatenate([frame_stack[:, 1:], frames[:, None]], axis=1)  # (N, 3, H, W)
     new[episode_start] = frames[episode_start, None]
     return new
@@ -204,7 +204,7 @@ class Block(nn.Module):
 
 def last_block_cls_only(block, x):
     """Speed, same result: only the CLS output is read after the last block, so only the CLS token needs a query, an
-    attention output and an MLP there (every token still gives keys and values): 29% less time, a test checks s_x."""
+    attention output and an MLP there (every token still gives keys and values). A default run: 29% less time."""
     return block(x, num_queries=1)                                    # (B, 1, D)
 
 
@@ -300,7 +300,7 @@ def embedding_variance(s):
 
 def variance_regulariser(s_x):
     # Eq. 2: L_reg = - min(1, (1/d) * sum_i Var_batch(s_x)_i). Minimising it rewards spread across the batch,
-    # the opposite of collapse. Clamped at 1 because variance is unbounded: past 1 it stops pushing (see section 3).
+    # the opposite of collapse. Clamped at 1, the paper's bound; with our final LayerNorm (ViTEncoder) it rarely acts.
     return -torch.clamp(embedding_variance(s_x), max=1.0)
 
 
@@ -364,7 +364,7 @@ def make_networks(args, num_actions):
 
 def make_optimizer(nets, args):
     # No y-encoder: it learns only through the EMA. AdamW with weight decay 0 is Adam. base_lr: a group's rate before
-    # train() anneals it. fused=True: speed, same result (0.8 against 3.6 ms per step, README; a test compares).
+    # train() anneals it. fused=True: speed, same result (0.8 against 3.6 ms a step, plots/README.md#speed; a test).
     return torch.optim.AdamW(
         [{"params": [p for k in ("x_encoder", "actor", "critic") for p in nets[k].parameters()],
           "lr": args.learning_rate, "base_lr": args.learning_rate},
@@ -405,7 +405,7 @@ def training_step(nets, optimizer, mb, args):
                                  f"policy {policy_loss.item()}, value {value_loss.item()})")
 
     # 6. Backward and step, all trained networks, ONE gradient clip over all: so the switches also change how much is
-    #    clipped (with --jepa Eq. 1's gradient joins the norm; with --no-rl-grad the critic's stops at s_x).
+    #    clipped (--jepa adds Eq. 1's gradient to the norm, --reg Eq. 2's; --no-rl-grad keeps PPO's out of the encoder).
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     trained = [p for group in optimizer.param_groups for p in group["params"]]
@@ -486,7 +486,7 @@ def train(args, render=None, log=None):
     values = torch.zeros((T + 1, N))                                 # values[T]: the bootstrap value
     valid = torch.zeros((T, N), dtype=torch.bool)                    # False on autoreset steps (see step_pixels)
     rollout_s_x, rollout_physics = torch.zeros((T, N, D)), torch.zeros((T, N, 4))   # for the logger's diagnostics
-    physics, _ = envs.reset(seed=args.seed)                          # (N, 4); each window starts as 3 first frames:
+    physics, _ = envs.reset(seed=args.seed)                          # (N, 4); a window starts as 3 first frames
     frame_stack = push_frame(np.zeros((N, 3, H, W), np.uint8), render(physics), np.ones(N, bool))   # (N, 3, H, W)
     previous_episode_end, global_step = np.zeros(N, dtype=bool), 0
 
@@ -498,7 +498,7 @@ def train(args, render=None, log=None):
         # ---- 1. Rollout: act with the current policy for T steps in N envs.
         windows[0] = torch.from_numpy(frame_stack)
         for t in range(T):
-            rollout_physics[t] = torch.from_numpy(physics)         # the true state at f(t); the agent never sees it
+            rollout_physics[t] = torch.from_numpy(physics)         # the physics at f(t); the agent never sees it
             with torch.inference_mode():                            # no autograd bookkeeping while acting
                 s_x = x_encoder(windows[t].to(device))              # (N, D)
                 dist = torch.distributions.Categorical(logits=actor(s_x))
@@ -519,8 +519,8 @@ def train(args, render=None, log=None):
             # Speed, NOT the same result: s_y = y-encoder(windows[t+1]) once per rollout, as the update begins. The EMA
             # runs after every optimiser step, so the targets lag it by up to epochs x minibatches - 1 steps (31 at the
             # defaults, in which the y-encoder moves 1 - 0.99^31 = 27% of the way). --fresh-targets: per minibatch
-            # (slower). At these defaults configuration 3 does not collapse (0 of 10 seeds in Figure 3); in Part 2's
-            # collapse setting (a slow predictor) --fresh-targets kept 3 of 3 seeds from it (plots/README.md: collapse).
+            # (slower). At these defaults configuration 3 does not collapse (0 of 10 seeds in Figure 3). With a slow
+            # predictor (x 0.1, earlier PPO settings) fresh targets kept 2 of 2 seeds from it (plots/README.md).
             s_y = (torch.cat([y_encoder(w.to(device)) for w in next_windows.split(ENCODE_CHUNK)])
                    if args.jepa and not args.fresh_targets else torch.zeros(batch_size, D))   # (N*T, D)
         advantages, returns = compute_gae(rewards, values, terminated, episode_end, args.gamma, args.gae_lambda)
@@ -542,7 +542,7 @@ def train(args, render=None, log=None):
         means = {k: np.mean([numbers[k] for numbers in step_logs]) for k in step_logs[0]}
         means["learning_rate"] = optimizer.param_groups[0]["lr"]
         log.update(global_step, means, rollout=dict(rewards=rewards, valid=valid, episode_end=episode_end,
-                   windows=windows, s_x=rollout_s_x, physics=rollout_physics, x_encoder=x_encoder))
+                   windows=windows, s_x=rollout_s_x, physics=rollout_physics, x_encoder=x_encoder))  # for Part 2
 
     envs.close()
     return log.finish(nets), nets
