@@ -554,6 +554,7 @@ def train(args, render=None, log=None):
 # Nothing below is needed to follow the method. Here: the tools' flags and the range check of every flag, the
 # linear probe, gymnasium's renderer for checking ours, the state-based PPO reference, the Figure 3 and
 # collapse sweeps with their plots, evaluation and the GIF of a trained agent.
+import contextlib
 import csv
 import json
 import multiprocessing
@@ -561,11 +562,11 @@ import os
 import platform
 import signal
 import sys
+import timeit
 import warnings
 from pathlib import Path
 
 # ---- 9. The tools' flags, the range check of every flag, and a run's log files ------------------------------------
-
 # The collapse demonstration's setting: choices the paper leaves open, never what it fixes (README: "When does
 # JEPA collapse?" has the runs that chose it). Applied to the collapse sweep's runs by --collapse.
 COLLAPSE_SETTING = {"predictor_lr_scale": 0.01, "weight_decay": 0.0}   # chosen on seeds 100-104: 5 of 5 (README)
@@ -590,21 +591,18 @@ def add_tool_flags(p):
     tools.add_argument("--figure3", action="store_true",
                        help="run the paper's 4 configurations x --seeds seeds (1, 2, ...) x --total-steps, plus "
                             "the state-based reference, then --plot. Resumable: finished runs are kept")
-    tools.add_argument("--collapse", action="store_true",
-                       help=f"the collapse demonstration: {', '.join(COLLAPSE_ARMS)} x --seeds seeds in the "
-                            f"collapse setting {COLLAPSE_SETTING}, then --plot. Resumable")
+    tools.add_argument("--collapse", action="store_true", help=f"collapse demonstration: {', '.join(COLLAPSE_ARMS)} "
+                       f"x --seeds seeds in the collapse setting {COLLAPSE_SETTING}, then --plot. Resumable")
     tools.add_argument("--plot", action="store_true",
                        help="redraw the figures and tables in --plots-dir from the finished runs of the sweeps")
     tools.add_argument("--state-reference", action="store_true",
                        help="train the state-based PPO reference (not in the paper) on the true 4-number state")
     tools.add_argument("--eval", type=Path, metavar="RUN_DIR",
                        help="load RUN_DIR/model.pt, play --eval-episodes episodes greedily, report mean +- std")
-    tools.add_argument("--gif", type=Path, metavar="RUN_DIR",
-                       help="write RUN_DIR/agent.gif: one greedy episode of RUN_DIR's agent, the full scene "
-                            "beside the three frames its encoder receives")
-    tools.add_argument("--inspect", type=Path, metavar="RUN_DIR",
-                       help="what RUN_DIR's encoder knows where its agent goes (the on-policy probe) and what its "
-                            "JEPA loss is made of; writes RUN_DIR/inspect.json")
+    tools.add_argument("--gif", type=Path, metavar="RUN_DIR", help="write RUN_DIR/agent.gif: one greedy episode of "
+                       "RUN_DIR's agent, the full scene beside the three frames its encoder receives")
+    tools.add_argument("--inspect", type=Path, metavar="RUN_DIR", help="what RUN_DIR's encoder knows where its agent "
+                       "goes (the on-policy probe) and what its JEPA loss is made of; writes RUN_DIR/inspect.json")
     tools.add_argument("--benchmark-renderer", action="store_true",
                        help="time render_frames against gymnasium's own render (+ crop, downsample), then exit")
     tools.add_argument("--sweep-dir", type=Path, default=Path("plots/runs"),
@@ -626,16 +624,15 @@ def add_tool_flags(p):
 MODES = ("figure3", "collapse", "plot", "state_reference", "eval", "gif", "inspect", "benchmark_renderer")
 # Every number flag's valid range, [low, high] inclusive (None: unbounded). Checked before anything is written.
 FLAG_RANGES = {
-    "seed": (0, 2**32 - 1), "total_steps": (1, None), "num_envs": (1, None), "threads": (0, None),
-    "window": (1, None), "image_height": (1, None), "image_width": (1, None), "patch_size": (1, None),
-    "embed_dim": (1, None), "depth": (1, None), "heads": (1, None), "mlp_ratio": (1, None),
-    "predictor_hidden": (1, None), "ema_tau": (0.0, 1.0), "jepa_coef": (0.0, None), "reg_coef": (0.0, None),
-    "predictor_lr_scale": (0.0, None), "weight_decay": (0.0, None), "num_steps": (1, None),
-    "num_minibatches": (1, None), "update_epochs": (1, None), "learning_rate": (1e-12, None),
-    "gamma": (0.0, 1.0), "gae_lambda": (0.0, 1.0), "clip_coef": (1e-12, None), "ent_coef": (0.0, None),
-    "vf_coef": (0.0, None), "max_grad_norm": (1e-12, None), "seeds": (1, None), "workers": (1, None),
-    "eval_episodes": (1, None),
+    "seed": (0, 2**32 - 1), "threads": (0, None), **dict.fromkeys(["ema_tau", "gamma", "gae_lambda"], (0.0, 1.0)),
+    **dict.fromkeys(["learning_rate", "clip_coef", "max_grad_norm"], (1e-12, None)),        # > 0
+    **dict.fromkeys(["jepa_coef", "reg_coef", "predictor_lr_scale", "weight_decay", "ent_coef", "vf_coef"],
+                    (0.0, None)),
+    **dict.fromkeys(["total_steps", "num_envs", "window", "image_height", "image_width", "patch_size", "embed_dim",
+                     "depth", "heads", "mlp_ratio", "predictor_hidden", "num_steps", "num_minibatches", "update_epochs",
+                     "seeds", "workers", "eval_episodes"], (1, None)),
 }
+SCREEN_HEIGHT = 400.0
 POLE_SPAN = AXLE_Y + POLE_LENGTH - POLE_HALF_WIDTH - CROP_BOTTOM   # screen px above the frame's bottom the pole needs
 
 
@@ -671,34 +668,32 @@ def parse_args(argv=None):
     if args.embed_dim % args.heads:
         parser.error(f"--heads {args.heads} must divide --embed-dim {args.embed_dim}")
     band = args.image_height * SCREEN_WIDTH / args.image_width          # screen px the frame shows above its bottom
-    if not POLE_SPAN <= band <= 400 - CROP_BOTTOM:
+    room = SCREEN_HEIGHT - CROP_BOTTOM                                  # screen px the screen has above it
+    if not POLE_SPAN <= band <= room:
         parser.error(f"--image-height {args.image_height} with --image-width {args.image_width} shows {band:.0f} "
-                     f"screen pixels of height; the upright pole needs {POLE_SPAN:.0f} and the screen has "
-                     f"{400 - CROP_BOTTOM:.0f}: keep height/width in [{POLE_SPAN / SCREEN_WIDTH:.3f}, "
-                     f"{(400 - CROP_BOTTOM) / SCREEN_WIDTH:.3f}]")
-    batch_size, _ = rollout_sizes(args.num_envs, args.num_steps, args.total_steps)
+                     f"screen pixels of height; the upright pole needs {POLE_SPAN:.0f} and the screen has {room:.0f}: "
+                     f"keep height/width in [{POLE_SPAN / SCREEN_WIDTH:.3f}, {room / SCREEN_WIDTH:.3f}]")
+    batch_size, rollout = args.num_envs * args.num_steps, "--num-envs x --num-steps"
     if args.state_reference:                                            # its own rollout: 8 envs x 32 steps
         batch_size = STATE_REFERENCE["num_envs"] * STATE_REFERENCE["num_steps"]
+        rollout = "the state reference's 8 envs x 32 steps"
     elif batch_size < 8 * args.num_minibatches:
         parser.error(f"--num-minibatches {args.num_minibatches}: minibatches of the rollout's {batch_size} "
                      "transitions (--num-envs x --num-steps) need at least 8 samples each (Eq. 2's batch variance)")
     if args.total_steps < batch_size:
-        parser.error(f"--total-steps {args.total_steps} is smaller than one rollout ("
-                     + ("the state reference's 8 envs x 32 steps" if args.state_reference else "--num-envs x --num-steps")
-                     + f" = {batch_size})")
+        parser.error(f"--total-steps {args.total_steps} is smaller than one rollout ({rollout} = {batch_size})")
     if (message := check_device(args.device)):
         parser.error(message)
     modes = [f"--{m.replace('_', '-')}" for m in MODES if getattr(args, m)]
     if len(modes) > 1:
         parser.error(f"{' and '.join(modes)}: choose one mode")
-    for mode in ("eval", "gif", "inspect"):
-        run = getattr(args, mode)
-        if run is not None and not ((run / "config.json").is_file() and (run / "model.pt").is_file()):
-            parser.error(f"--{mode} {run}: not a finished run folder (it needs config.json and model.pt)")
-        if run is not None and run.name.startswith("state-"):
-            parser.error(f"--{mode} {run}: the state reference has no pixel agent to load")
-        if run is not None and (problem := check_run(run, need_model=True)):
-            parser.error(f"--{mode} {run}: {problem}")
+    if (run := args.eval or args.gif or args.inspect) is not None:      # the one RUN_DIR mode; modes[0] is its flag
+        if not ((run / "config.json").is_file() and (run / "model.pt").is_file()):
+            parser.error(f"{modes[0]} {run}: not a finished run folder (it needs config.json and model.pt)")
+        if run.name.startswith("state-"):
+            parser.error(f"{modes[0]} {run}: the state reference has no pixel agent to load")
+        if (problem := check_run(run, need_model=True)):
+            parser.error(f"{modes[0]} {run}: {problem}")
     if args.print_commands and not (args.figure3 or args.collapse):
         parser.error("--print-commands goes with --figure3 or --collapse")
     if args.plot and not any(finished_runs(args.sweep_dir / sweep) for sweep in ("figure3", "collapse")):
@@ -711,10 +706,6 @@ def parse_args(argv=None):
     given = [flag for k, flag in zip(set_by_collapse, flags) if getattr(args, k) != parser.get_default(k)]
     if args.collapse and given:
         parser.error(f"{' '.join(given)}: --collapse sets {', '.join(flags)} itself (README: collapse)")
-    for name in ("sweep_dir", "plots_dir"):
-        path = getattr(args, name)
-        if path.exists() and not path.is_dir():
-            parser.error(f"--{name.replace('_', '-')} {path}: is a file, not a folder")
     if args.renderer == "gymnasium":
         try:
             import pygame  # noqa: F401  (gymnasium's renderer draws with it)
@@ -725,10 +716,11 @@ def parse_args(argv=None):
     if not modes or args.state_reference:
         args.out = args.out or Path("runs") / (f"state-seed{args.seed}" if args.state_reference
                                                else f"{run_name(args.jepa, args.rl_grad, args.reg)}-seed{args.seed}")
-        if args.out.exists() and not args.out.is_dir():
-            parser.error(f"--out {args.out}: is a file, not a folder")
-        if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
-            parser.error(f"--out {args.out} exists and is not empty; pick another --out or pass --overwrite")
+    for name in ("sweep_dir", "plots_dir", "out"):                     # args.out is None where no run folder is made
+        if (path := getattr(args, name)) is not None and path.exists() and not path.is_dir():
+            parser.error(f"--{name.replace('_', '-')} {path}: is a file, not a folder")
+    if args.out is not None and args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
+        parser.error(f"--out {args.out} exists and is not empty; pick another --out or pass --overwrite")
     return args
 
 
@@ -736,32 +728,28 @@ def run_name(jepa, rl_grad, reg):
     return f"{'jepa' if jepa else 'nojepa'}-{'rlgrad' if rl_grad else 'norlgrad'}-{'reg' if reg else 'noreg'}"
 
 
-# The collapse criterion, written down before the runs that test it (issue 15): a run is COLLAPSED when the effective
-# rank of its rollouts' s_x is below COLLAPSED_RANK for at least COLLAPSED_SHARE of its updates after the first
-# COLLAPSE_GRACE_STEPS steps. The rank is scale-free, unlike the variance (README: collapse). A run ESCAPES at the
-# first update after its last collapsed one, when it was collapsed at some update and is not at the end. The
-# paper's criterion (variance below COLLAPSE_THRESHOLD) is reported beside it.
+# The collapse criterion, fixed before the runs that test it (issue 15; README: collapse): a run is COLLAPSED when the
+# effective rank of its rollouts' s_x (scale-free, unlike the variance) is below COLLAPSED_RANK for at least
+# COLLAPSED_SHARE of its updates after the first COLLAPSE_GRACE_STEPS steps. It ESCAPES at the first update after
+# its last collapsed one, if that is not the end. The paper's criterion (variance < COLLAPSE_THRESHOLD) is beside it.
 COLLAPSED_RANK = 1.5        # an effective rank of s_x below it means (about) one direction
 COLLAPSED_SHARE = 0.9
 COLLAPSE_GRACE_STEPS = 10_000
 
 # Every logged number, in the order of the columns of updates.csv: the training step's, then train()'s.
+STATE_NAMES = ["x", "x_dot", "theta", "theta_dot"]
 UPDATE_COLUMNS = ["step", "mean_return", "loss", "jepa_loss", "reg_loss", "policy_loss", "value_loss", "entropy",
-                  "approx_kl", "grad_norm", "embedding_var", "effective_rank", "probe_r2_x", "probe_r2_x_dot",
-                  "probe_r2_theta", "probe_r2_theta_dot", "onpolicy_r2_x", "onpolicy_r2_x_dot", "onpolicy_r2_theta",
-                  "onpolicy_r2_theta_dot", "learning_rate", "sps"]
+                  "approx_kl", "grad_norm", "embedding_var", "effective_rank",
+                  *(f"{kind}_r2_{v}" for kind in ("probe", "onpolicy") for v in STATE_NAMES), "learning_rate", "sps"]
 
 
 def cpu_model():
-    """The CPU's vendor, model name and (family, model, stepping), from the kernel's cpuinfo on Linux, else what
-    `platform` knows (an empty string where it knows nothing)."""
+    """The CPU's vendor, model name and (family, model, stepping): from /proc/cpuinfo on Linux, else `platform`'s."""
     info = {}
-    try:
+    with contextlib.suppress(OSError):                              # no /proc/cpuinfo: not Linux
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
             info.setdefault(key.strip(), value.strip())             # the first processor's values
-    except OSError:
-        pass
     ids = [info.get(k, "") for k in ("cpu family", "model", "stepping")]
     return {"cpu_vendor": info.get("vendor_id", platform.system()),
             "cpu_model": info.get("model name") or platform.processor() or platform.machine(),
@@ -769,17 +757,15 @@ def cpu_model():
 
 
 def machine():
-    """What a run's numbers depend on beyond its seed: the CPU (two CPUs that both report AVX512, an AMD EPYC and an
-    Intel Xeon, gave other floating-point results: README, Reproducibility), the kernels torch chose for it, the torch
-    version and the thread count."""
+    """What a run's numbers depend on beyond its seed: the CPU (an AMD EPYC and an Intel Xeon, both AVX512, gave other
+    floating-point results: README, Reproducibility), torch's kernels for it, torch's version and the thread count."""
     return {**cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
             "threads": torch.get_num_threads()}
 
 
 class RunLog(ConsoleLog):
-    """Part 1's logger door, with a run folder: each row written and flushed as it comes, so a killed run keeps
-    what it did: config.json, episodes.csv (one row per episode), updates.csv (one row per update, with the
-    diagnostics of section 10) and, at the end, model.pt and summary.json. The console line adds the diagnostics."""
+    """Part 1's logger door, with a run folder: config.json, episodes.csv, updates.csv (with section 10's diagnostics),
+    each row flushed as it comes so a killed run keeps what it did, and at the end model.pt and summary.json."""
 
     def __init__(self, args):
         self.out, self.device, self.probe_theta = args.out, args.device, float("nan")
@@ -789,16 +775,13 @@ class RunLog(ConsoleLog):
         args.out.mkdir(parents=True, exist_ok=True)
         for stale in ("summary.json", "model.pt", "training.png"):   # --overwrite: never a finished-looking mix
             (args.out / stale).unlink(missing_ok=True)
-        (args.out / "config.json").write_text(json.dumps({k: str(v) if isinstance(v, Path) else v
-                                                          for k, v in vars(args).items()}, indent=2))
-        self.episodes_file = open(args.out / "episodes.csv", "w", newline="")
-        self.updates_file = open(args.out / "updates.csv", "w", newline="")
+        (args.out / "config.json").write_text(json.dumps(vars(args), indent=2, default=str))   # a Path as its text
+        self.episodes_file = open(args.out / "episodes.csv", "w", newline="", buffering=1)   # line-buffered: each
+        self.updates_file = open(args.out / "updates.csv", "w", newline="", buffering=1)     # row flushed at once
         self.episodes_csv = csv.writer(self.episodes_file)
         self.updates_csv = csv.DictWriter(self.updates_file, fieldnames=UPDATE_COLUMNS)
         self.episodes_csv.writerow(["step", "return", "length"])
         self.updates_csv.writeheader()
-        self.episodes_file.flush()
-        self.updates_file.flush()
         super().__init__(args.window)                                  # starts the clock
 
     def update(self, step, means, rollout):
@@ -809,8 +792,6 @@ class RunLog(ConsoleLog):
                                          self.device, self.updates, self.num_updates))
         self.episodes_csv.writerows(finished)
         self.updates_csv.writerow(row)
-        self.episodes_file.flush()
-        self.updates_file.flush()
         self.row = row
         if math.isfinite(row["probe_r2_theta"]):                       # the console shows the latest probe
             self.probe_theta = row["probe_r2_theta"]
@@ -832,9 +813,6 @@ class RunLog(ConsoleLog):
 
 
 # ---- 10. What the embedding knows: effective rank and a linear probe of the true state (not in the paper) ---------
-STATE_NAMES = ["x", "x_dot", "theta", "theta_dot"]
-
-
 def effective_rank(s):
     # How many directions the embeddings really use (RankMe, Garrido et al. 2023). With p_k the singular values
     # of s (n, d) normalised to sum 1: exp(-sum_k p_k log p_k), from 1 (all on one line) to d (fully spread).
@@ -849,10 +827,9 @@ ONPOLICY_ROLLOUTS = 4  # the on-policy probe reads the last 4 rollouts' windows 
 
 
 def embedding_diagnostics(x_encoder, rollout_s_x, probe_set, recent_rollouts, device, update, num_updates):
-    """The collapse indicators beyond the paper's variance: the effective rank of the rollout's s_x (T, N, D),
-    every update, and two linear probes of the true state (NaN between probes): on the fixed, uniform probe set
-    (probe_r2_*, every PROBE_EVERY updates and at the last) and on the states the agent visits (onpolicy_r2_*,
-    every ONPOLICY_EVERY updates and at the last)."""
+    """The collapse indicators beyond the paper's variance: the effective rank of the rollout's s_x (T, N, D) at every
+    update, and the linear probes of the true state (NaN between probes): on the uniform probe set (probe_r2_*,
+    every PROBE_EVERY updates) and on the visited states (onpolicy_r2_*, every ONPOLICY_EVERY), both at the last."""
     nan = {f"{kind}_r2_{name}": float("nan") for kind in ("probe", "onpolicy") for name in STATE_NAMES}
     last = update == num_updates
     uniform = probe_r2(x_encoder, probe_set, device) if update % PROBE_EVERY == 0 or last else {}
@@ -861,12 +838,9 @@ def embedding_diagnostics(x_encoder, rollout_s_x, probe_set, recent_rollouts, de
 
 
 def make_probe_set(seed, height, width, size=2048):
-    """A fixed set of windows [f(t-2), f(t-1), f(t)] and the true state at f(t), made once per run from the seed.
-
-    Start states cover the range an episode can visit (not only where a random policy goes); two random pushes
-    with gymnasium's own physics follow, so every window shows real motion. The first half fits the probe, the
-    second half scores it, so the probe changes only when the encoder does.
-    """
+    """A fixed set of windows [f(t-2), f(t-1), f(t)] and the true state at f(t), made once per run from the seed: start
+    states over the range an episode can visit (not only where a random policy goes), then two random pushes with
+    gymnasium's physics, so every window shows real motion. Half fits the probe, half scores it (probe_r2)."""
     rng = np.random.default_rng([seed, 2024])
     env = gym.make("CartPole-v1").unwrapped
     env.reset(seed=seed)
@@ -883,11 +857,8 @@ def make_probe_set(seed, height, width, size=2048):
 
 
 def linear_probe_r2(fit_s, fit_state, test_s, test_state, ridge=1e-2):
-    """Held-out R^2 of a ridge regression s -> true state, per state variable.
-
-    The ridge is absolute (in units of embedding variance): an embedding whose spread has shrunk far below it,
-    as in collapse, is shrunk to the mean prediction and scores R^2 ~ 0: too small for the PPO heads to use.
-    """
+    """Held-out R^2 of a ridge regression s -> true state, per state variable. The ridge is absolute (in units of
+    embedding variance): an embedding shrunk far below it, as in collapse, scores R^2 ~ 0: too small for PPO to use."""
     s_mean, y_mean = fit_s.mean(0), fit_state.mean(0)
     fit_x, test_x = fit_s - s_mean, test_s - s_mean                            # (n, D)
     gram = fit_x.T @ fit_x / len(fit_x) + ridge * torch.eye(fit_x.shape[1])   # (D, D)
@@ -911,10 +882,9 @@ def probe_r2(x_encoder, probe_set, device):
 
 
 def onpolicy_probe_r2(x_encoder, recent_rollouts, device):
-    """{onpolicy_r2_<variable>: held-out R^2} on the states the agent visits: the windows of the last rollouts,
-    [(windows (T, N, 3, H, W), states (T, N, 4))], re-encoded by the current x-encoder, fitted on the first half
-    of the envs and scored on the other half. Split by env, never by sample: neighbouring steps of one env are
-    near-duplicates, and a random split would score the probe on copies of what it was fitted on."""
+    """{onpolicy_r2_<variable>: held-out R^2} on the visited states: the last rollouts [(windows (T, N, 3, H, W), states
+    (T, N, 4))], re-encoded now, fitted on half of the envs and scored on the rest. Split by env, never by sample:
+    neighbouring steps of one env are near-duplicates, and the probe would be scored on copies of what it fitted."""
     windows = torch.cat([w for w, _ in recent_rollouts]).transpose(0, 1)            # (N, K*T, 3, H, W)
     states = torch.cat([st for _, st in recent_rollouts]).transpose(0, 1).double()  # (N, K*T, 4)
     half = windows.shape[0] // 2
@@ -945,17 +915,13 @@ def pyplot():
     return plt
 
 
-SCREEN_HEIGHT = 400.0
-
-
 SCREEN = {}                           # gymnasium's one Cart Pole screen, made on first use
 
 
 def full_scene(physics):
     """gymnasium's own 400 x 600 RGB picture of one physics state (4,)."""
     if not SCREEN:
-        from gymnasium.envs.classic_control.cartpole import CartPoleEnv
-        SCREEN["env"] = CartPoleEnv(render_mode="rgb_array")
+        SCREEN["env"] = gym.make("CartPole-v1", render_mode="rgb_array").unwrapped
         SCREEN["env"].reset(seed=0)
     SCREEN["env"].state = np.asarray(physics, dtype=np.float64)
     return SCREEN["env"].render()                                       # (400, 600, 3) uint8
@@ -980,41 +946,31 @@ class GymnasiumRenderer:
         return overlap / overlap.sum(1, keepdims=True)
 
     def __call__(self, states):
-        frames = []
-        for state in states:
-            gray = full_scene(state).astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-            frames.append(self.down_rows @ gray[self.rows[0]:self.rows[1]] @ self.down_cols.T)  # (H, W)
-        return np.rint(np.stack(frames)).astype(np.uint8)                   # (N, H, W)
+        grays = (full_scene(state).astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32) for state in states)
+        return np.rint(np.stack([self.down_rows @ gray[self.rows[0]:self.rows[1]] @ self.down_cols.T  # (H, W) each
+                                 for gray in grays])).astype(np.uint8)                                # (N, H, W)
 
 
 def benchmark_renderer(height, width, num_envs, repeats=200):
     """Microseconds per frame: our batched numpy drawing vs gymnasium's pygame render + crop + downsample."""
     states = np.random.default_rng(0).uniform(-0.2, 0.2, size=(num_envs, 4)).astype(np.float32)
-    tick = time.perf_counter()
-    for _ in range(repeats):
-        render_frames(states, height, width)
-    ours = (time.perf_counter() - tick) / (repeats * num_envs)
-    gymnasium_renderer = GymnasiumRenderer(height, width)
-    tick = time.perf_counter()
-    for _ in range(max(1, repeats // 20)):
-        gymnasium_renderer(states)
-    theirs = (time.perf_counter() - tick) / (max(1, repeats // 20) * num_envs)
+    ours = timeit.timeit(lambda: render_frames(states, height, width), number=repeats) / (repeats * num_envs)
+    gymnasium_renderer, slow_repeats = GymnasiumRenderer(height, width), max(1, repeats // 20)   # slow: fewer
+    theirs = timeit.timeit(lambda: gymnasium_renderer(states), number=slow_repeats) / (slow_repeats * num_envs)
     print(f"{num_envs} envs, {height}x{width} frames: numpy {ours * 1e6:.1f} us/frame, gymnasium "
           f"{theirs * 1e6:.0f} us/frame -> numpy is {theirs / ours:.0f}x faster")
     return ours, theirs
 
 
 # ---- 12. The state-based reference: PPO on the true 4-number state (not in the paper) -----------------------------
-# The dashed line of Figure 3: what knowing the true state buys in 100k steps. A separate, well-tuned PPO with
-# its own settings and networks: RL Baselines3 Zoo's tuned CartPole-v1 PPO (hyperparams/ppo.yml), which RL Zoo
-# reports reaching 500 within 1e5 steps (ours: README). It reuses Part 1's GAE and PPO losses; nothing of it
-# shapes the pixel agent.
+# The dashed line of Figure 3: what knowing the true state buys in 100k steps. A separate, well-tuned PPO with its
+# own settings and networks: RL Baselines3 Zoo's tuned CartPole-v1 PPO (hyperparams/ppo.yml), reported to reach 500
+# within 1e5 steps (ours: README). It reuses Part 1's GAE and PPO losses; nothing of it shapes the pixel agent.
 STATE_REFERENCE = dict(num_envs=8, num_steps=32,        # 256 transitions per rollout
                        update_epochs=20,                 # 20 passes over ONE minibatch: the whole rollout
                        gamma=0.98, gae_lambda=0.8, ent_coef=0.0,
                        learning_rate=1e-3, clip_coef=0.2,  # both annealed linearly to 0 over the budget
-                       vf_coef=1.0,                      # x our 1/2 MSE = SB3's 0.5 x MSE
-                       max_grad_norm=0.5, hidden=64)
+                       vf_coef=1.0, max_grad_norm=0.5, hidden=64)  # vf_coef x our 1/2 MSE = SB3's 0.5 x MSE
 
 
 def state_mlp(num_outputs, output_gain, hidden):
@@ -1025,25 +981,21 @@ def state_mlp(num_outputs, output_gain, hidden):
     return nn.Sequential(*layers)
 
 
-def train_state_reference(seed, total_steps, out, threads=1, window=20):
-    """PPO on CartPole-v1's true 4-number state; writes config.json, episodes.csv, updates.csv, summary.json. The
-    rollout is Part 1's, with the 4 numbers as the "frame" (start_envs, step_pixels) and its episode accounting
-    (ConsoleLog.record); the networks, the update and the settings are the reference's own."""
+def train_state_reference(seed, total_steps, out, window=20):
+    """PPO on the true 4-number state, into a run folder: Part 1's rollout (start_envs, step_pixels; the 4 numbers as
+    the "frame") and episode accounting (ConsoleLog.record); the networks, update and settings are its own."""
     cfg = argparse.Namespace(**STATE_REFERENCE, seed=seed, total_steps=total_steps)
     N, T = cfg.num_envs, cfg.num_steps
     _, num_updates = rollout_sizes(N, T, total_steps)
-    if threads:
-        torch.set_num_threads(threads)
     torch.manual_seed(seed)
     np.random.seed(seed)
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").unlink(missing_ok=True)
     (out / "config.json").write_text(json.dumps(vars(cfg), indent=2))
-    episodes_file, updates_file = open(out / "episodes.csv", "w", newline=""), open(out / "updates.csv", "w", newline="")
+    episodes_file, updates_file = (open(out / n, "w", newline="", buffering=1) for n in ("episodes.csv", "updates.csv"))
     episodes_log, updates_log = csv.writer(episodes_file), csv.writer(updates_file)
-    episodes_log.writerow(["step", "return", "length"])
+    episodes_log.writerow(["step", "return", "length"])             # line-buffered files: each row flushed at once
     updates_log.writerow(["step", "mean_return", "learning_rate", "clip_coef", "policy_loss", "value_loss", "approx_kl"])
-
     envs, the_state, stack, physics = start_envs(N, seed, render=lambda physics: physics)   # (N, 3, 4): 3 states
     actor = state_mlp(envs.single_action_space.n, 0.01, cfg.hidden)           # near-uniform first policy
     critic = state_mlp(1, 1.0, cfg.hidden)
@@ -1073,7 +1025,6 @@ def train_state_reference(seed, total_steps, out, threads=1, window=20):
             previous_episode_end = ended
         row, finished = log.record(global_step, {}, dict(rewards=rewards, valid=valid, episode_end=episode_end))
         episodes_log.writerows(finished)
-        episodes_file.flush()
         with torch.no_grad():                           # ---- advantages, with Part 1's GAE
             values = critic(observations).squeeze(-1)   # (T+1, N)
             advantages, returns = compute_gae(rewards, values, terminated, episode_end, cfg.gamma, cfg.gae_lambda)
@@ -1090,7 +1041,6 @@ def train_state_reference(seed, total_steps, out, threads=1, window=20):
             optimizer.step()
         updates_log.writerow([global_step, row["mean_return"], cfg.learning_rate * fraction_left,
                               cfg.clip_coef * fraction_left, policy_loss.item(), value_loss.item(), approx_kl.item()])
-        updates_file.flush()
     for file in (episodes_file, updates_file, envs):
         file.close()
     wall, mean_return = time.time() - log.start, row["mean_return"]
@@ -1108,9 +1058,8 @@ FIGURE3_CONFIGS = {  # paper number: (jepa, rl_grad, reg, label)
     3: (True, False, False, "3: JEPA, no RL gradients"),
     4: (True, False, True, "4: JEPA + regulariser, no RL gradients"),
 }
-COLORS = {1: "tab:purple", 2: "tab:blue", 3: "tab:red", 4: "tab:green", "state": "black",
-          "JEPA only": "tab:red", "JEPA + RL gradients": "tab:blue", "JEPA + regulariser": "tab:green",
-          "JEPA + regulariser x100": "tab:olive"}
+COLORS = {1: "tab:purple", 2: "tab:blue", 3: "tab:red", 4: "tab:green", "state": "black", "JEPA only": "tab:red",
+          "JEPA + RL gradients": "tab:blue", "JEPA + regulariser": "tab:green", "JEPA + regulariser x100": "tab:olive"}
 # Flags that may differ between the runs of one sweep, or do not change what a run computes.
 PER_RUN_FLAGS = {"out", "seed", "threads", "jepa", "rl_grad", "reg", "device", "overwrite", "window", *MODES,
                  "sweep_dir", "plots_dir", "seeds", "workers", "eval_episodes", "renderer", "print_commands"}
@@ -1141,8 +1090,7 @@ def read_config(run_dir):
 
 
 def check_run(run_dir, need_model=False):
-    """None if run_dir holds a finished run whose files read whole, else what is wrong, naming the file (model.pt
-    too with need_model)."""
+    """None if run_dir's finished run reads whole (model.pt too with need_model), else what is wrong with which file."""
     try:
         read_config(run_dir)
     except ValueError as error:
@@ -1172,16 +1120,15 @@ def check_same_settings(out, args):
     """Refuse to reuse or plot a finished run that was made with other settings than this command's."""
     saved = read_config(out)
     compared = ["total_steps"] if out.name.startswith("state-") else vars(args)   # the reference has its own settings
-    different = {k: (saved.get(k), getattr(args, k)) for k in compared if k not in PER_RUN_FLAGS
-                 and saved.get(k) != (str(getattr(args, k)) if isinstance(getattr(args, k), Path) else getattr(args, k))}
+    different = {k: (saved.get(k), getattr(args, k)) for k in compared      # (no Path flag is compared: all per-run)
+                 if k not in PER_RUN_FLAGS and saved.get(k) != getattr(args, k)}
     if different:
         listed = ", ".join(f"{k}: run {a} vs now {b}" for k, (a, b) in different.items())
         fail(f"{out} was made with other settings ({listed}); use another --sweep-dir or the same flags")
 
 
 def sweep_groups(kind):
-    """{group: its runs' folder name without the seed}: Figure 3's configurations and the state reference, or
-    the collapse demonstration's arms."""
+    """{group: its runs' folder name without the seed}: Figure 3's configurations and the reference, or the arms."""
     if kind == "figure3":
         return {**{c: run_name(j, g, r) for c, (j, g, r, _) in FIGURE3_CONFIGS.items()}, "state": "state"}
     return {arm: run_name(j, g, r) + "".join(f"-{k.replace('_', '')}{v:g}" for k, v in changes.items())
@@ -1198,12 +1145,6 @@ def sweep_job(args, kind, group, seed):
     return argparse.Namespace(**{**vars(args), **setting, "jepa": j, "rl_grad": g, "reg": r, "seed": seed,
                                  "threads": 1, "state_reference": False, "figure3": False, "collapse": False,
                                  "print_commands": False, "out": out})
-
-
-def sweep_jobs(args, kind):
-    """{group: [run Namespace per seed 1 .. --seeds]}."""
-    return {group: [sweep_job(args, kind, group, seed) for seed in range(1, args.seeds + 1)]
-            for group in sweep_groups(kind)}
 
 
 def command_line(job):
@@ -1235,10 +1176,9 @@ def _sweep_worker(run_args):
 
 
 def last_logged_step(out):
-    try:
+    with contextlib.suppress(OSError, IndexError, ValueError):      # not started, or only its header so far
         return int((out / "updates.csv").read_text().splitlines()[-1].split(",")[0])
-    except (OSError, IndexError, ValueError):
-        return 0
+    return 0
 
 
 def lock_sweep(folder):
@@ -1257,8 +1197,7 @@ def lock_sweep(folder):
             handle.seek(0)
             fail(f"{folder} is in use by another sweep (process {handle.read().strip() or '?'}); wait for it to "
                  "finish, or give this one another --sweep-dir")
-    handle.seek(0)
-    handle.truncate()
+    handle.truncate(0)                                     # "a+": the write goes to the (now empty) file's end
     handle.write(str(os.getpid()))
     handle.flush()
     return handle                                          # open for the sweep's life: the lock is held
@@ -1267,8 +1206,8 @@ def lock_sweep(folder):
 def unfinished_jobs(args, kind):
     """The sweep's runs still to do: not finished, or finished but damaged (redone, with a warning)."""
     jobs = []
-    for group_jobs in sweep_jobs(args, kind).values():
-        for job in group_jobs:
+    for group in sweep_groups(kind):
+        for job in (sweep_job(args, kind, group, seed) for seed in range(1, args.seeds + 1)):
             if (job.out / "summary.json").exists():
                 weights = (job.out / "model.pt").exists()          # committed runs keep no weights
                 if (problem := check_run(job.out, need_model=weights)) is None:
@@ -1286,7 +1225,7 @@ def run_sweep(args, kind):
         return
     lock = lock_sweep(args.sweep_dir / kind)
     jobs = unfinished_jobs(args, kind)
-    total = sum(len(g) for g in sweep_jobs(args, kind).values())
+    total = len(sweep_groups(kind)) * args.seeds
     steps_per_run = math.prod(rollout_sizes(args.num_envs, args.num_steps, args.total_steps))
     print(f"{kind}: {total - len(jobs)}/{total} runs already finished in {args.sweep_dir / kind}; running "
           f"{len(jobs)} with {args.workers} workers (progress: console.log in each run folder)")
@@ -1319,7 +1258,6 @@ def run_sweep(args, kind):
     finally:
         pool.terminate()                                   # on Ctrl-C: unfinished runs are redone next time
         pool.join()
-    (args.sweep_dir / kind).mkdir(parents=True, exist_ok=True)
     if jobs:                                               # a rerun with nothing to do keeps the last record
         (args.sweep_dir / kind / "sweep.json").write_text(json.dumps(
             {"runs": len(jobs), "wall_s": time.time() - start, "steps": len(jobs) * steps_per_run,
@@ -1330,9 +1268,8 @@ def run_sweep(args, kind):
         fail(f"{len(failed)} run(s) failed; the others are kept:\n" + "\n".join(failed))
 
 
-# ---- 14. Statistics: interval estimates (Agarwal et al. 2021, "Deep RL at the Edge of the Statistical Precipice", ----
-# the rliable library) and a power estimate (Colas et al. 2019). With one task and n seeds, rliable's stratified
-# bootstrap is the ordinary bootstrap over the n per-seed numbers.
+# ---- 14. Statistics: rliable's interval estimates (Agarwal et al. 2021) and a power estimate (Colas et al. 2019) ---
+# With one task and n seeds, rliable's stratified bootstrap is the ordinary bootstrap over the n per-seed numbers.
 BOOTSTRAP_RESAMPLES = 20_000   # rliable's default is 50,000; 20,000 puts the interval's ends within ~1% of it
 BOOTSTRAP_SEED = 0             # a fixed generator: the same runs always give the same interval
 # The pairs that the paper's claims compare (Section 3): (better, worse) as the paper has it.
@@ -1357,15 +1294,13 @@ def iqm_band(curves, resamples=2_000, seed=BOOTSTRAP_SEED):
 
 
 def probability_of_improvement(x, y):
-    """P(X > Y): the chance that a run of X beats a run of Y, ties counted half (the Mann-Whitney U over n_x n_y).
-    x (..., n_x) and y (..., n_y) may carry leading bootstrap axes."""
+    """P(X > Y) from x (..., n_x), y (..., n_y): a run of X beats one of Y, ties half (Mann-Whitney U / n_x n_y)."""
     x, y = np.asarray(x, dtype=float)[..., :, None], np.asarray(y, dtype=float)[..., None, :]
     return ((x > y) + 0.5 * (x == y)).mean((-2, -1))
 
 
 def bootstrap_interval(statistic, *samples, resamples=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED):
-    """(point estimate, low, high): the 95% percentile-bootstrap interval of statistic(*samples), each sample
-    resampled with replacement on its own (rliable's stratified bootstrap, one task)."""
+    """(point, low, high): statistic(*samples) and its 95% percentile-bootstrap interval, samples resampled alone."""
     rng = np.random.default_rng(seed)
     draws = [np.asarray(x, dtype=float)[rng.integers(0, len(x), size=(resamples, len(x)))] for x in samples]
     low, high = np.percentile(statistic(*draws), [2.5, 97.5])
@@ -1373,10 +1308,9 @@ def bootstrap_interval(statistic, *samples, resamples=BOOTSTRAP_RESAMPLES, seed=
 
 
 def seeds_needed(x, y, alpha=0.05, power=0.8):
-    """Seeds per group for a two-sided Welch t-test to detect the observed difference of means with the given
-    power (Colas et al. 2019), with the normal approximation: n = 2 (z_a + z_b)^2 s^2 / delta^2, s^2 the mean of
-    the two sample variances. Slightly optimistic at small n. None when the two means are equal, or when a group
-    has one seed (no variance to estimate)."""
+    """Seeds per group for a two-sided Welch t-test to detect the observed difference of means at the given power
+    (Colas et al. 2019), by the normal approximation n = 2 (z_a + z_b)^2 s^2 / delta^2, s^2 the mean sample variance:
+    slightly optimistic at small n. None if the two means are equal or a group has one seed (no variance)."""
     if min(len(x), len(y)) < 2:
         return None
     z = {0.05: 1.959964, 0.8: 0.841621}
@@ -1385,26 +1319,21 @@ def seeds_needed(x, y, alpha=0.05, power=0.8):
 
 
 def run_measures(runs):
-    """Each seed's two measures: the final return (the running average of the last --window episodes at the
-    end) and the area under the learning curve (the mean running-average return over the run: how fast)."""
+    """Each seed's final return (the running average at the end) and area under the curve (its mean: how fast)."""
     return {"final": runs["return"][:, -1], "auc": np.nanmean(runs["return"], axis=1)}
 
 
-def interval_columns(runs):
-    row = {}
-    for measure, values in run_measures(runs).items():
-        point, low, high = bootstrap_interval(iqm, values)
-        row.update({f"{measure}_iqm": f"{point:.1f}", f"{measure}_ci_low": f"{low:.1f}", f"{measure}_ci_high": f"{high:.1f}"})
-    return row
+def iqm_columns(name, values, digits):
+    """{<name>_iqm, <name>_ci_low, <name>_ci_high}: the IQM of `values` and its 95% bootstrap interval, as text."""
+    return {f"{name}_{part}": f"{number:.{digits}f}"
+            for part, number in zip(("iqm", "ci_low", "ci_high"), bootstrap_interval(iqm, values))}
 
 
 def comparisons(sweep, pairs):
     """One row per (pair, measure): the IQM difference and P(X > Y), each with its 95% interval, the verdict, and
     the seeds per group a Welch t-test would need to resolve a difference of this size."""
     rows = []
-    for a, b in pairs:
-        if a not in sweep or b not in sweep:
-            continue
+    for a, b in [(a, b) for a, b in pairs if a in sweep and b in sweep]:
         for measure in ("final", "auc"):
             x, y = run_measures(sweep[a])[measure], run_measures(sweep[b])[measure]
             diff = bootstrap_interval(lambda u, v: iqm(u) - iqm(v), x, y)
@@ -1421,7 +1350,6 @@ def comparisons(sweep, pairs):
 
 
 # ---- 15. Plots: Figure 3, the collapse figure, a figure for every run ---------------------------------------------
-
 def running_average_curve(episodes, grid, window):
     """Mean return of the last `window` episodes finished by each step of `grid` (NaN before the first)."""
     steps, returns = episodes[:, 0], episodes[:, 1]
@@ -1440,11 +1368,8 @@ def read_csv(path):
 
 
 def machine_label(machine):
-    """A run's machine in a few words: its CPU model and torch's kernels ("not recorded" for runs made before
-    summary.json named them, and only the kernels for runs made before it named the CPU)."""
-    if not machine:
-        return "not recorded"
-    return " ".join(filter(None, [machine.get("cpu_model"), machine["cpu_capability"]]))
+    """A run's machine in a few words: its CPU model and torch's kernels, as far as its summary.json names them."""
+    return " ".join(filter(None, [machine.get("cpu_model"), machine["cpu_capability"]])) if machine else "not recorded"
 
 
 def load_runs(run_dirs, grid, window):
@@ -1474,10 +1399,8 @@ def load_sweep(args, kind, grid):
     are collected too); a damaged run is skipped with a warning."""
     sweep = {}
     for group, name in sweep_groups(kind).items():
-        finished = []
-        for run in sorted(finished_runs(args.sweep_dir / kind), key=lambda d: int(d.name.rsplit("seed", 1)[1])):
-            if run.name.rsplit("-seed", 1)[0] != name:
-                continue
+        finished, runs = [], [d for d in finished_runs(args.sweep_dir / kind) if d.name.rsplit("-seed", 1)[0] == name]
+        for run in sorted(runs, key=lambda d: int(d.name.rsplit("seed", 1)[1])):
             if (problem := check_run(run)) is not None:
                 print(f"warning: {problem}: this run is left out", flush=True)
                 continue
@@ -1511,28 +1434,25 @@ def collapse_dynamics(grid, ranks):
 def summary_row(runs, grid):
     """The IQM of the final return and of the area under the curve with their 95% intervals, mean +- std and the
     per-seed values, and the collapse indicators: the criterion above, and the paper's variance beside it."""
-    at_end = runs["return"][:, -1]
-    row = {"seeds": len(runs["seeds"]), **interval_columns(runs), "return_mean": f"{at_end.mean():.1f}",
-           "return_std": f"{at_end.std():.1f}",
-           "return_per_seed": " ".join(f"{s}:{r:.1f}" for s, r in zip(runs["seeds"], at_end))}
+    final, auc = (run_measures(runs)[measure] for measure in ("final", "auc"))
+    row = {"seeds": len(runs["seeds"]), **iqm_columns("final", final, 1), **iqm_columns("auc", auc, 1),
+           "return_mean": f"{final.mean():.1f}", "return_std": f"{final.std():.1f}",
+           "return_per_seed": " ".join(f"{s}:{r:.1f}" for s, r in zip(runs["seeds"], final))}
     if "embedding_var" in runs:
         dynamics = [collapse_dynamics(grid, ranks) for ranks in runs["effective_rank"]]
         shares = np.array([share for share, _, _ in dynamics])
-        share_iqm, share_low, share_high = bootstrap_interval(iqm, shares)
         final_var = runs["embedding_var"][:, -1]
         row.update({"collapsed_seeds": sum(collapsed for _, collapsed, _ in dynamics),
-                    "collapsed_share_iqm": f"{share_iqm:.2f}", "collapsed_share_ci_low": f"{share_low:.2f}",
-                    "collapsed_share_ci_high": f"{share_high:.2f}",
+                    **iqm_columns("collapsed_share", shares, 2),
                     "collapsed_share_per_seed": " ".join(f"{s}:{v:.2f}" for s, v in zip(runs["seeds"], shares)),
                     "escape_step_per_seed": " ".join(f"{s}:{e}" for s, (_, _, e) in zip(runs["seeds"], dynamics)),
                     "var_below_1e-7_seeds": int((runs["embedding_var"] < COLLAPSE_THRESHOLD).any(1).sum()),
                     "lowest_var": f"{runs['embedding_var'].min():.2g}", "final_var": f"{final_var.mean():.3g}",
                     "final_var_per_seed": " ".join(f"{s}:{v:.2g}" for s, v in zip(runs["seeds"], final_var)),
                     "final_effective_rank": f"{runs['effective_rank'][:, -1].mean():.1f}"})
-        for kind in ("probe", "onpolicy"):
-            for name in ("theta", "theta_dot"):
-                if f"{kind}_r2_{name}" in runs:
-                    row[f"{kind}_r2_{name}"] = f"{np.nanmean(runs[f'{kind}_r2_{name}'][:, -1]):.2f}"
+        for column in ("probe_r2_theta", "probe_r2_theta_dot", "onpolicy_r2_theta", "onpolicy_r2_theta_dot"):
+            if column in runs:
+                row[column] = f"{np.nanmean(runs[column][:, -1]):.2f}"
     row["wall_s_per_run"] = f"{runs['wall_s'].mean():.0f}"
     labels, counts = np.unique(runs["machine"], return_counts=True)   # a row whose runs ran on several machines says so
     row["machines"] = "; ".join(f"{label}: {count}" for label, count in zip(labels, counts))
@@ -1543,17 +1463,16 @@ def plot_intervals(args, sweep, plt):
     """plots/intervals.png, as rliable draws them: per configuration the IQM (tick) and its 95% bootstrap interval
     (bar) for the final return and for the area under the curve; then P(X > Y) for the paper's pairs."""
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.6))
-    groups = list(sweep)
     short = {1: "1: no JEPA (baseline)", 2: "2: JEPA + RL gradients", 3: "3: JEPA only", 4: "4: JEPA + regulariser",
              "state": "state-based reference"}
     for ax, (measure, title) in zip(axes, [("final", "final return\n(last %d episodes at the end)" % args.window),
                                            ("auc", "area under the curve\n(mean running-average return over the run)")]):
-        for k, group in enumerate(groups):
+        for k, group in enumerate(sweep):
             point, low, high = bootstrap_interval(iqm, run_measures(sweep[group])[measure])
             ax.barh(k, high - low, left=low, height=0.6, color=COLORS[group], alpha=0.6)
             ax.plot([point, point], [k - 0.3, k + 0.3], color="black", lw=2)
             ax.plot(run_measures(sweep[group])[measure], np.full(len(sweep[group]["seeds"]), k), "k.", ms=3, alpha=0.5)
-        ax.set_yticks(range(len(groups)), [f"{short[g]} (n = {len(sweep[g]['seeds'])})" for g in groups], fontsize=9)
+        ax.set_yticks(range(len(sweep)), [f"{short[g]} (n = {len(sweep[g]['seeds'])})" for g in sweep], fontsize=9)
         ax.invert_yaxis()
         ax.set(title=f"IQM (tick), 95% interval (bar), seeds (dots):\n{title}", xlabel="return")
         ax.grid(alpha=0.3, axis="x")
@@ -1605,7 +1524,7 @@ def plot_sweep(args, kind, grid, plt):
                ("collapsed", f"share of seeds collapsed (eff. rank < {COLLAPSED_RANK})"),
                ("probe_r2_theta", "probe: held-out R² of θ"), ("return", "return, running average of %d episodes"
                                                                % args.window)])
-    fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels) if kind == "figure3" else 5 * len(panels), 5.2))
+    fig, axes = plt.subplots(1, len(panels), figsize=((7.5 if kind == "figure3" else 5) * len(panels), 5.2))
     for ax, (column, title) in zip(axes, panels):
         for group, runs in sweep.items():
             if column == "collapsed":                # how many seeds are collapsed at each step
@@ -1626,11 +1545,10 @@ def plot_sweep(args, kind, grid, plt):
                 ax.fill_between(grid, low, high, color=COLORS[group], alpha=0.15)
             for curve in runs[column]:               # every seed, thin
                 ax.plot(grid, curve, lw=0.6, alpha=0.5, **style)
-        if column == "embedding_var":
-            ax.axhline(COLLAPSE_THRESHOLD, color="black", ls=":", lw=1.5, label="collapse threshold 1e-7")
-            ax.set_yscale("log")
-        if column == "effective_rank":
-            ax.axhline(COLLAPSED_RANK, color="black", ls=":", lw=1.5, label=f"collapsed below {COLLAPSED_RANK}")
+        if column in ("embedding_var", "effective_rank"):   # where collapse begins, on a log axis
+            variance = column == "embedding_var"
+            ax.axhline(COLLAPSE_THRESHOLD if variance else COLLAPSED_RANK, color="black", ls=":", lw=1.5,
+                       label="collapse threshold 1e-7" if variance else f"collapsed below {COLLAPSED_RANK}")
             ax.set_yscale("log")
         if column == "collapsed":
             ax.axvline(COLLAPSE_GRACE_STEPS, color="black", ls=":", lw=1, label="the criterion counts from here")
@@ -1739,7 +1657,6 @@ def plot_observation(args, plt):
     for _ in range(8):                     # push right a few times, so the frames show motion
         x_window = window
         window, physics, *_ = step_pixels(envs, np.ones(1, dtype=np.int64), window, np.zeros(1, bool), render)
-    scene = full_scene(physics[0])
     fig = plt.figure(figsize=(17, 4.8))
     grid_spec = fig.add_gridspec(3, 4, width_ratios=[1, 1, 1, 1.5], height_ratios=[1, 0.3, 1])
     titles = [["x-encoder input: f(t-2)", "f(t-1)", "f(t)"], ["y-encoder input: f(t-1)", "f(t)", "f(t+1)"]]
@@ -1753,23 +1670,20 @@ def plot_observation(args, plt):
             ax.tick_params(length=0)
             ax.set_title(titles[row][k], fontsize=11)
     ax = fig.add_subplot(grid_spec[:, 3])
-    ax.imshow(scene)
+    ax.imshow(full_scene(physics[0]))
     top = SCREEN_HEIGHT - (CROP_BOTTOM + H * SCREEN_WIDTH / W)
     ax.add_patch(plt.Rectangle((0, top), SCREEN_WIDTH - 1, H * SCREEN_WIDTH / W, fill=False, ec="tab:orange", lw=2))
     ax.set_title("gymnasium's 600 x 400 scene at f(t+1)\norange box: the band our frames show", fontsize=11)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    fig.text(0.36, 0.5, f"{H} x {W} pixels per frame, {p} x {p} patches (orange grid): "
-             f"{(H // p) * (W // p)} tokens per frame, 1 + 3 x {(H // p) * (W // p)} = {1 + 3 * (H // p) * (W // p)} with CLS",
-             ha="center", va="center", fontsize=11)
+    ax.set(xticks=[], yticks=[])
+    tokens = (H // p) * (W // p)
+    fig.text(0.36, 0.5, f"{H} x {W} pixels per frame, {p} x {p} patches (orange grid): {tokens} tokens per frame, "
+             f"1 + 3 x {tokens} = {1 + 3 * tokens} with CLS", ha="center", va="center", fontsize=11)
     fig.suptitle("What the encoders see: one transition (the cart pushed right)", fontsize=14)
     fig.savefig(args.plots_dir / "observation.png", dpi=110)
     plt.close(fig)
 
 
-
 # ---- 16. Using a trained agent: load, evaluate, animate -----------------------------------------------------------
-
 def load_run(run_dir, device="cpu"):
     """Rebuild a finished run's networks from its config.json and model.pt."""
     run_args = argparse.Namespace(**read_config(run_dir))
@@ -1785,69 +1699,51 @@ def greedy_actions(x_encoder, actor, observation):
         return actor(x_encoder(torch.as_tensor(observation))).argmax(-1).numpy()   # (N,)
 
 
-def play_greedy(run_dir, episodes, seed, on_step=None):
-    """Play `episodes` episodes (one per env) with the greedy policy; returns their returns (episodes,)."""
-    run_args, nets = load_run(run_dir)
-    H, W = run_args.image_height, run_args.image_width
-    envs, render, window, states = start_envs(episodes, seed, H, W)
-    returns, finished = np.zeros(episodes), np.zeros(episodes, bool)
-    while not finished.all():
-        if on_step:
-            on_step(states, window)
-        actions = greedy_actions(nets["x_encoder"], nets["actor"], window)
-        window, states, reward, _, ended, _ = step_pixels(envs, actions,
-                                                          window, np.zeros(episodes, bool), render)
+def play(run_args, nets, num_envs, seed, steps=None):
+    """A finished run's agent in `num_envs` envs reset from `seed`: greedy until every env's first episode has ended,
+    or, given `steps`, sampling its policy as in training for that many steps. Returns {returns: of the first
+    episodes (N,), windows (S+1, N, 3, H, W), physics (S+1, N, 4), actions (S, N), valid (S, N)}."""
+    envs, render, window, physics = start_envs(num_envs, seed, run_args.image_height, run_args.image_width)
+    played = {"windows": [window], "physics": [physics], "actions": [], "valid": []}
+    returns, finished, episode_end = np.zeros(num_envs), np.zeros(num_envs, bool), np.zeros(num_envs, bool)
+    while len(played["actions"]) < steps if steps else not finished.all():
+        if steps:
+            with torch.inference_mode():
+                action = torch.distributions.Categorical(logits=nets["actor"](nets["x_encoder"](
+                    torch.from_numpy(window)))).sample().numpy()
+        else:
+            action = greedy_actions(nets["x_encoder"], nets["actor"], window)
+        window, physics, reward, _, episode_end, is_valid = step_pixels(envs, action, window, episode_end, render)
         returns += reward * ~finished            # count each env's first episode only
-        finished |= ended
-    return returns
-
-
-def evaluate(args):
-    returns = play_greedy(args.eval, args.eval_episodes, seed=10_000 + args.seed)
-    print(f"{args.eval}: greedy return over {len(returns)} episodes: {returns.mean():.1f} +- {returns.std():.1f} "
-          f"(min {returns.min():.0f}, max {returns.max():.0f})")
-    return returns
+        finished |= episode_end
+        for key, value in zip(played, (window, physics, action, is_valid)):
+            played[key].append(value)
+    envs.close()
+    return {"returns": returns, **{key: np.stack(values) for key, values in played.items()}}
 
 
 def inspect_run(run_dir):
     """What a trained encoder knows and what its JEPA loss is made of, written to RUN_DIR/inspect.json.
 
-    The agent acts as in training (sampling its policy) in --num-envs envs for ONPOLICY_ROLLOUTS rollouts, from
-    seed 10,000 + its seed. On those windows: the on-policy probe (fit on half of the envs, scored on the other
-    half) and, on the run's own uniform probe set, the uniform probe; the spread of s_x (variance, effective rank,
-    norm); and Eq. 1 on the real transitions, split into its parts:
-        L_jepa = ||mean(pred) - mean(s_y)||^2   (the mean prediction misses the mean target)
-               + the rest                        (the predictions miss how the targets vary)
-    and, inside L_jepa, the share that the action alone decides: with s_x fixed, pred(s_x, 0) and pred(s_x, 1)
-    differ; whatever s_y is, ||pred(s_x, a) - s_y||^2 averaged over both actions is at least
-    ||pred(s_x, 0) - pred(s_x, 1)||^2 / 4 (action_floor). A collapsed encoder cannot tell the actions apart."""
+    The agent acts as in training in --num-envs envs for ONPOLICY_ROLLOUTS rollouts, from seed 10,000 + its seed. On
+    those windows: both probes, the spread of s_x, and Eq. 1 on the real transitions in parts (jepa_loss_mean_part:
+    ||mean(pred) - mean(s_y)||^2, the mean prediction missing the mean target; the rest: missing how targets vary),
+    and the share the action alone decides: whatever s_y is, ||pred(s_x, a) - s_y||^2 averaged over both actions is
+    at least ||pred(s_x, 0) - pred(s_x, 1)||^2 / 4 (action_floor). A collapsed encoder cannot tell the actions apart."""
     run_args, nets = load_run(run_dir)
-    H, W, N, T = run_args.image_height, run_args.image_width, run_args.num_envs, run_args.num_steps
-    seed = 10_000 + run_args.seed
+    H, W = run_args.image_height, run_args.image_width
+    seed, steps = 10_000 + run_args.seed, ONPOLICY_ROLLOUTS * run_args.num_steps
     torch.manual_seed(seed)
-    envs, render, window, states = start_envs(N, seed, H, W)
-    windows, visited, actions, valid = [window], [states], [], []
-    previous_episode_end = np.zeros(N, bool)
-    for _ in range(ONPOLICY_ROLLOUTS * T):
-        with torch.inference_mode():
-            action = torch.distributions.Categorical(logits=nets["actor"](nets["x_encoder"](
-                torch.from_numpy(window)))).sample().numpy()
-        window, states, _, _, previous_episode_end, is_valid = step_pixels(envs, action, window,
-                                                                           previous_episode_end, render)
-        windows.append(window)
-        visited.append(states)
-        actions.append(action)
-        valid.append(is_valid)
-    envs.close()
-    windows, visited = torch.from_numpy(np.stack(windows)), torch.from_numpy(np.stack(visited))   # (K*T+1, N, ...)
-    report = {"seed": seed, "windows": int(ONPOLICY_ROLLOUTS * T * N),
+    played = play(run_args, nets, run_args.num_envs, seed, steps)
+    windows, visited = torch.from_numpy(played["windows"]), torch.from_numpy(played["physics"])   # (K*T+1, N, ...)
+    report = {"seed": seed, "windows": int(steps * run_args.num_envs),
               **onpolicy_probe_r2(nets["x_encoder"], [(windows[:-1], visited[:-1])], "cpu"),
               **probe_r2(nets["x_encoder"], make_probe_set(run_args.seed, H, W), "cpu")}
-    real = torch.from_numpy(np.stack(valid)).flatten()                                   # (K*T*N,)
+    real = torch.from_numpy(played["valid"]).flatten()                                    # (K*T*N,)
     with torch.inference_mode():
         s_x = encode(nets["x_encoder"], windows[:-1].flatten(0, 1)[real], "cpu").float()
         s_y = encode(nets["y_encoder"], windows[1:].flatten(0, 1)[real], "cpu").float()
-        a = torch.from_numpy(np.stack(actions)).flatten()[real]
+        a = torch.from_numpy(played["actions"]).flatten()[real]
         pred = nets["predictor"](s_x, a)
         pred_0, pred_1 = (nets["predictor"](s_x, torch.full_like(a, k)) for k in (0, 1))
         report.update(embedding_var=embedding_variance(s_x).item(), effective_rank=effective_rank(s_x).item(),
@@ -1865,12 +1761,9 @@ def make_gif(args):
     """One greedy episode: gymnasium's full scene beside the three frames the encoder receives."""
     plt = pyplot()
     from matplotlib.animation import FuncAnimation, PillowWriter
-    scenes, windows = [], []
-
-    def record(states, window):
-        scenes.append(full_scene(states[0])[::2, ::2])      # (200, 300, 3): half size, small GIF
-        windows.append(window[0])
-    episode_return = play_greedy(args.gif, 1, seed=10_000 + args.seed, on_step=record)[0]
+    played = play(*load_run(args.gif), 1, seed=10_000 + args.seed)
+    scenes = [full_scene(physics[0])[::2, ::2] for physics in played["physics"][:-1]]   # (200, 300, 3): a small GIF
+    windows, episode_return = played["windows"][:-1, 0], played["returns"][0]
     frames = range(0, len(scenes), 2)                        # every 2nd step, played at 25 fps = real time
     fig = plt.figure(figsize=(9, 3.6))
     grid_spec = fig.add_gridspec(3, 2, width_ratios=[1.4, 1])
@@ -1899,6 +1792,8 @@ def make_gif(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
         if args.benchmark_renderer:
             benchmark_renderer(args.image_height, args.image_width, args.num_envs)
@@ -1907,18 +1802,18 @@ def main(argv=None):
         elif args.plot:
             plot(args)
         elif args.eval:
-            evaluate(args)
+            returns = play(*load_run(args.eval), args.eval_episodes, seed=10_000 + args.seed)["returns"]
+            print(f"{args.eval}: greedy return over {len(returns)} episodes: {returns.mean():.1f} +- "
+                  f"{returns.std():.1f} (min {returns.min():.0f}, max {returns.max():.0f})")
         elif args.gif:
             make_gif(args)
         elif args.inspect:
             inspect_run(args.inspect)
         elif args.state_reference:
-            train_state_reference(args.seed, args.total_steps, args.out, args.threads, args.window)
+            train_state_reference(args.seed, args.total_steps, args.out, args.window)
         else:
-            if args.threads:
-                torch.set_num_threads(args.threads)
-            train(args, GymnasiumRenderer(args.image_height, args.image_width) if args.renderer == "gymnasium" else None,
-                  RunLog(args))
+            renderer = GymnasiumRenderer(args.image_height, args.image_width) if args.renderer == "gymnasium" else None
+            train(args, renderer, RunLog(args))
             print(f"figure of this run: {plot_training(args.out)}")
     except KeyboardInterrupt:
         if args.figure3 or args.collapse:
