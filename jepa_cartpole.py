@@ -24,9 +24,8 @@ The paper's four configurations (Section 3, Figure 3):
     python jepa_cartpole.py --jepa    --no-rl-grad --no-reg   # 3: JEPA only (paper: collapses; at our defaults: no)
     python jepa_cartpole.py --jepa    --no-rl-grad --reg      # 4: JEPA + regulariser (the paper: no collapse)
 
-Part 1, the method, follows the paper (settings, pixel Cart Pole, x-encoder, y-encoder, predictor, losses, PPO, training
-loop) and is a complete program: `train(build_parser().parse_args())` trains and prints a line per update. Part 2
-(skip it at first) adds the tools; it hooks into training only through train()'s `render` and `log` arguments.
+Part 1, the method in the paper's order, is a complete program: `train(build_parser().parse_args())` trains and prints
+a line per update. Part 2 (skip it at first) adds the tools, hooked in only through train()'s `render` and `log`.
 Shapes: N envs, T steps per env in a rollout, F (Fr in code) = 3 frames of H x W pixels, p x p pixels a patch, R x C
 patches a frame (P = R * C), L = 1 + F * P tokens (CLS first), Q tokens that get an output (L, or 1 in the last block),
 D = d = width of s_x, nh heads of width hs = D / nh, A = 2 actions, B a batch of windows, M a minibatch (a rollout's
@@ -106,10 +105,9 @@ def build_parser():
 
 
 # ---- 2. Pixel Cart Pole (paper Section 3: "Cart Pole ... using pixel observations") -------------------------------
-# Physics: gymnasium's CartPole-v1, vectorised. The agent never sees its 4 numbers (`physics` in the code, so that
-# "state" means s_x); we use them only to *draw* the frame: gymnasium's own scene (a 600 x 400 screen showing 4.8
-# world units of track), straight at the network's resolution, in grayscale (shapes carry the physics, colours not),
-# only the band where cart and pole can be. A test checks it against gymnasium's; --benchmark-renderer times both.
+# gymnasium's CartPole-v1, vectorised. The agent never sees its 4 numbers (`physics`; "state" means s_x): they only
+# *draw* the frame, gymnasium's own 600 x 400 scene (4.8 world units of track) straight at the network's resolution,
+# in grayscale, only the band cart and pole can reach. A test checks it against gymnasium's own renderer.
 
 SCREEN_WIDTH = 600.0                    # gymnasium's screen, in screen pixels
 SCALE = SCREEN_WIDTH / 4.8              # screen pixels per world unit (world width = 2 * x_threshold)
@@ -160,6 +158,12 @@ def push_frame(frame_stack, frames, episode_start):
     return new
 
 
+def reset_pixels(envs, seed, render):
+    """Reset N pixel Cart Poles: (frame_stack (N, 3, H, W), physics (N, 4)). No past yet: each first frame 3 times."""
+    physics, _ = envs.reset(seed=seed)
+    return np.repeat(render(physics)[:, None], 3, axis=1), physics
+
+
 def step_pixels(envs, actions, frame_stack, previous_episode_end, render):
     """One step of N pixel Cart Poles, with gymnasium 1.x "next-step" autoreset.
     After an episode ends, gymnasium's NEXT step() ignores the action and returns the first observation of a new
@@ -176,9 +180,8 @@ def step_pixels(envs, actions, frame_stack, previous_episode_end, render):
 # compare the cart in f(t-2) with the cart in f(t): one frame shows where things are, three show how they move.
 # Each token's positional encoding encodes its patch row, its patch column AND its frame index (without it the
 # frames are an unordered set: try --no-frame-index). A learnable CLS token is prepended; its last-layer output,
-# s_x (width d = 64), is the state. Defaults: 8 x 8 patches of a 16 x 64 frame give 2 x 8 = 16 patches a frame, so
-# 1 + 3 x 16 = 49 tokens; 72,128 parameters. ENCODE_CHUNK: windows per pass when a rollout or probe set is encoded,
-# so at most 256 x 4 heads x 49 x 49 attention weights (10 MB) are held at a time.
+# s_x (width d = 64), is the state. Defaults: 2 x 8 patches of 8 x 8 a frame, 1 + 3 x 16 = 49 tokens, 72,128 weights.
+# ENCODE_CHUNK windows per pass when many are encoded: at most 256 x 4 heads x 49 x 49 attention weights (10 MB).
 ENCODE_CHUNK = 256
 
 
@@ -265,8 +268,8 @@ def ema_update(y_encoder, x_encoder, tau):
 # ---- 5. Predictor (paper Section 2, "Predictor") ------------------------------------------------------------------
 # Two layers, as the paper says. It needs the action: the next frames depend on which way the cart was pushed (a
 # JEPA's predictor may take a latent variable z for what the input cannot tell; here the known action is that z).
-# The one-hot action is projected to the hidden width and added "to the embedding after the first layer" (the paper);
-# before the ReLU is our reading. 64 -> 128 (+ the action's 2 -> 128) -> 64: 16,960 parameters.
+# The one-hot action, projected to the hidden width, is added "to the embedding after the first layer" (the paper;
+# before the ReLU is our reading). 64 -> 128 (+ action 2 -> 128) -> 64: 16,960 parameters.
 
 class Predictor(nn.Module):
     def __init__(self, dim, hidden, num_actions):
@@ -305,8 +308,7 @@ def variance_regulariser(s_x):
 
 
 # ---- 7. PPO actor-critic (paper Section 3: "an actor-critic-style PPO algorithm") ---------------------------------
-# Standard clipped PPO as in CleanRL (without its optional value-loss clipping), acting on s_x through two small
-# heads. Whether their gradients reach the encoder is the --rl-grad switch, in the training step below.
+# Clipped PPO as in CleanRL (no value-loss clipping), on s_x through two small heads; --rl-grad: see training_step.
 
 def layer_init(layer, std=np.sqrt(2), bias=0.0):
     nn.init.orthogonal_(layer.weight, std)
@@ -323,9 +325,8 @@ def make_heads(dim, num_actions, hidden=64):
 
 def compute_gae(rewards, values, terminated, episode_end, gamma, gae_lambda):
     """GAE. rewards, terminated, episode_end: (T, N); values: (T+1, N) -> (advantages, returns), (T, N) each.
-    A termination (pole past 12 degrees, cart off the track) has no future: V(next) counts as 0. A truncation (500
-    steps) is no failure: its future is bootstrapped with V of the final window, which the next-step autoreset gives.
-    The recursion stops at an episode's end; autoreset steps get advantages nothing uses."""
+    A termination (pole past 12 degrees, cart off the track) has no future: V(next) = 0. A truncation (500 steps) is
+    no failure: bootstrap with V of the final window, which the next-step autoreset still gives."""
     advantages = torch.zeros_like(rewards)
     next_advantage = torch.zeros_like(rewards[0])
     for t in reversed(range(rewards.shape[0])):
@@ -374,10 +375,9 @@ def make_optimizer(nets, args):
 
 
 def training_step(nets, optimizer, mb, args):
-    """One optimiser step on one minibatch `mb` (a dict of tensors): PPO + Eq. 1-3, then the EMA.
-    mb: windows (M, 3, H, W) = [f(t-2), f(t-1), f(t)]; s_y (M, D), the y-encoder's embedding of
-    [f(t-1), f(t), f(t+1)]; actions, logprobs, advantages, returns (M,). Returns the logged numbers.
-    """
+    """One optimiser step on one minibatch `mb` (a dict of tensors): PPO + Eq. 1-3, then the EMA. mb: windows
+    (M, 3, H, W) = [f(t-2), f(t-1), f(t)]; s_y (M, D), the y-encoder's embedding of [f(t-1), f(t), f(t+1)]; actions,
+    logprobs, advantages, returns (M,). Returns the logged numbers."""
     # 1. Encode: s_x = x-encoder(f(t-2), f(t-1), f(t)).
     s_x = nets["x_encoder"](mb["windows"])                                            # (M, D)
 
@@ -421,12 +421,12 @@ def training_step(nets, optimizer, mb, args):
 
 
 class ConsoleLog:
-    """The door to the tools: train() calls update(step, means, rollout) once per update, in one block, and finish()
-    once. This one counts episodes and prints a line; Part 2's RunLog reads more of the rollout and writes files."""
+    """The door to the tools: train() calls update(step, means, rollout) once per update and finish() once. This one
+    counts episodes and prints a line; Part 2's RunLog reads more of the rollout and writes files."""
 
     def __init__(self, window=20):
         self.window, self.start, self.open_episodes = window, time.time(), None   # open: each env's return, length
-        self.recent_returns = collections.deque(maxlen=window)       # the returns of the last `window` episodes
+        self.recent_returns = collections.deque(maxlen=window)       # the last `window` episodes' returns: the mean
 
     def record(self, step, means, rollout):
         """The update's row (with the mean return of the last `window` episodes) and its rollout's ended episodes."""
@@ -486,8 +486,7 @@ def train(args, render=None, log=None):
     values = torch.zeros((T + 1, N))                                 # values[T]: the bootstrap value
     valid = torch.zeros((T, N), dtype=torch.bool)                    # False on autoreset steps (see step_pixels)
     rollout_s_x, rollout_physics = torch.zeros((T, N, D)), torch.zeros((T, N, 4))   # for the logger's diagnostics
-    physics, _ = envs.reset(seed=args.seed)                          # (N, 4); a window starts as 3 first frames
-    frame_stack = push_frame(np.zeros((N, 3, H, W), np.uint8), render(physics), np.ones(N, bool))   # (N, 3, H, W)
+    frame_stack, physics = reset_pixels(envs, args.seed, render)    # each env's window now (N, 3, H, W); (N, 4)
     previous_episode_end, global_step = np.zeros(N, dtype=bool), 0
 
     for update in range(1, num_updates + 1):
@@ -516,11 +515,10 @@ def train(args, render=None, log=None):
         next_windows = windows[1:].flatten(0, 1)                    # (N*T, 3, H, W): the y-encoder's inputs
         with torch.inference_mode():
             values[T] = critic(x_encoder(windows[T].to(device))).squeeze(-1).cpu()   # bootstrap value
-            # Speed, NOT the same result: s_y = y-encoder(windows[t+1]) once per rollout, as the update begins. The EMA
-            # runs after every optimiser step, so the targets lag it by up to epochs x minibatches - 1 steps (31 at the
-            # defaults, in which the y-encoder moves 1 - 0.99^31 = 27% of the way). --fresh-targets: per minibatch
-            # (slower). At these defaults configuration 3 does not collapse (0 of 10 seeds in Figure 3). With a slow
-            # predictor (x 0.1, earlier PPO settings) fresh targets kept 2 of 2 seeds from it (plots/README.md).
+            # Speed, NOT the same result: s_y = y-encoder(windows[t+1]) once per rollout. The EMA runs after every step,
+            # so the targets lag it by up to epochs x minibatches - 1 = 31 steps (the y-encoder moves 1 - 0.99^31 = 27%)
+            # At the defaults configuration 3 does not collapse (0 of 10 in Figure 3); with a slow predictor (x 0.1)
+            # the lag mattered: per-minibatch targets (--fresh-targets) kept 2 of 2 seeds from collapse (plots/README).
             s_y = (torch.cat([y_encoder(w.to(device)) for w in next_windows.split(ENCODE_CHUNK)])
                    if args.jepa and not args.fresh_targets else torch.zeros(batch_size, D))   # (N*T, D)
         advantages, returns = compute_gae(rewards, values, terminated, episode_end, args.gamma, args.gae_lambda)
@@ -901,10 +899,7 @@ def start_envs(num_envs, seed, height=None, width=None, render=None):
     `render` is given): (envs, render, frame_stack (N, 3, H, W), physics (N, 4))."""
     render = render or (lambda physics: render_frames(physics, height, width))
     envs = gym.make_vec("CartPole-v1", num_envs=num_envs, vectorization_mode="vector_entry_point")
-    physics, _ = envs.reset(seed=seed)
-    frames = render(physics)                                                # (N, H, W)
-    no_past = np.zeros((num_envs, 3, *frames.shape[1:]), frames.dtype)    # each window starts as 3 first frames
-    return envs, render, push_frame(no_past, frames, np.ones(num_envs, bool)), physics
+    return envs, render, *reset_pixels(envs, seed, render)
 
 
 def pyplot():
