@@ -99,8 +99,8 @@ def build_parser():
     p.add_argument("--clip-coef", type=float, default=0.2, help="PPO ratio clipping")
     p.add_argument("--ent-coef", type=float, default=0.0, help="entropy bonus weight (RL Zoo's)")
     p.add_argument("--vf-coef", type=float, default=0.5, help="value loss weight (no value clipping)")
-    p.add_argument("--max-grad-norm", type=float, default=5.0, help="gradient clipping over all trained networks; "
-                   "CleanRL's 0.5 learned slower (round 1, plots/README.md): JEPA's early gradient norms are ~100")
+    p.add_argument("--max-grad-norm", type=float, default=1000.0, help="gradient clipping over all trained networks: "
+                   "off in practice; under a clip of 5 (97%% of updates clipped) configuration 2 learned slower")
     return p   # Part 2 adds the tools' flags, and checks every value's range before a run starts
 
 
@@ -404,8 +404,8 @@ def training_step(nets, optimizer, mb, args):
         raise FloatingPointError(f"non-finite loss {loss.item()} (jepa {l_jepa.item()}, reg {l_reg.item()}, "
                                  f"policy {policy_loss.item()}, value {value_loss.item()})")
 
-    # 6. Backward and step, all trained networks, ONE gradient clip over all: so the switches also change how much is
-    #    clipped (--jepa adds Eq. 1's gradient to the norm, --reg Eq. 2's; --no-rl-grad keeps PPO's out of the encoder).
+    # 6. Backward and step, all trained networks, ONE gradient clip over all. At the default 1000 it is a safety net
+    #    only: in our tuning runs the update means of the norm stayed below 419 (a clip of 5 held learning back).
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     trained = [p for group in optimizer.param_groups for p in group["params"]]
