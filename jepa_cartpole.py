@@ -83,6 +83,7 @@ def build_parser():
     p.add_argument("--ema-tau", type=float, default=0.99, help="the y-encoder's EMA rate tau (paper: 0.99)")
     p.add_argument("--jepa-coef", type=float, default=1.0, help="weight of Eq. 1 in Eq. 3 (paper: 1)")
     p.add_argument("--reg-coef", type=float, default=1.0, help="weight of Eq. 2 in Eq. 3 (paper: 1)")
+    p.add_argument("--reg-form", choices=["var", "std"], default="var", help="var: Eq. 2; std: VICReg's (ex. 8)")
     p.add_argument("--fresh-targets", action=on_off, default=False, help="s_y per minibatch (slower), not per rollout")
     # --- PPO: CleanRL's ppo.py, except 16 envs x 32 steps (CleanRL: 4 x 128, the same 512 per rollout), one hidden
     #     layer per head (CleanRL: two) and every value whose help says otherwise (plots/README.md: What mattered).
@@ -168,8 +169,7 @@ def step_pixels(envs, actions, frame_stack, previous_episode_end, render):
     """One step of N pixel Cart Poles, with gymnasium 1.x "next-step" autoreset.
     After an episode ends, gymnasium's NEXT step() ignores the action and returns the first observation of a new
     episode with reward 0. That step is not a real transition: valid = False there, and no loss uses it.
-    Returns (frame_stack, physics, reward, terminated, episode_end, valid), episode_end = terminated or truncated.
-    """
+    Returns (frame_stack, physics, reward, terminated, episode_end, valid), episode_end = terminated or truncated."""
     physics, reward, terminated, truncated, _ = envs.step(actions)
     frame_stack = push_frame(frame_stack, render(physics), episode_start=previous_episode_end)
     return frame_stack, physics, reward, terminated, terminated | truncated, ~previous_episode_end
@@ -181,8 +181,7 @@ def step_pixels(envs, actions, frame_stack, previous_episode_end, render):
 # Each token's positional encoding encodes its patch row, its patch column AND its frame index (without it the
 # frames are an unordered set: try --no-frame-index). A learnable CLS token is prepended; its last-layer output,
 # s_x (width d = 64), is the state. Defaults: 2 x 8 patches of 8 x 8 a frame, 1 + 3 x 16 = 49 tokens, 72,128 weights.
-# ENCODE_CHUNK windows per pass when many are encoded: at most 256 x 4 heads x 49 x 49 attention weights (10 MB).
-ENCODE_CHUNK = 256
+ENCODE_CHUNK = 256   # windows per pass when many are encoded: at most 256 x 4 heads x 49 x 49 attention weights (10 MB)
 
 
 class Block(nn.Module):
@@ -266,10 +265,9 @@ def ema_update(y_encoder, x_encoder, tau):
 
 
 # ---- 5. Predictor (paper Section 2, "Predictor") ------------------------------------------------------------------
-# Two layers, as the paper says. It needs the action: the next frames depend on which way the cart was pushed (a
-# JEPA's predictor may take a latent variable z for what the input cannot tell; here the known action is that z).
-# The one-hot action, projected to the hidden width, is added "to the embedding after the first layer" (the paper;
-# before the ReLU is our reading). 64 -> 128 (+ action 2 -> 128) -> 64: 16,960 parameters.
+# Two layers, as the paper says. It needs the action: the next frames depend on which way the cart was pushed (the
+# known action plays a JEPA's latent z). The one-hot action, projected to the hidden width, is added "to the embedding
+# after the first layer" (the paper; before the ReLU: our reading). 64 -> 128 (+ action 2 -> 128) -> 64: 16,960 weights.
 
 class Predictor(nn.Module):
     def __init__(self, dim, hidden, num_actions):
@@ -301,9 +299,13 @@ def embedding_variance(s):
     return s.var(dim=0).mean()
 
 
-def variance_regulariser(s_x):
+def variance_regulariser(s_x, form="var"):
     # Eq. 2: L_reg = - min(1, (1/d) * sum_i Var_batch(s_x)_i). Minimising it rewards spread across the batch,
     # the opposite of collapse. Clamped at 1, the paper's bound; with our final LayerNorm (ViTEncoder) it rarely acts.
+    # Its push fades with the spread (dVar/ds = 2 (s - mean) / (B - 1)). VICReg (Bardes et al. 2022, Sec. 4.1) hinges
+    # each feature's standard deviation instead, whose push does not fade: mean_i relu(1 - sqrt(Var_i + 1e-4)).
+    if form == "std":
+        return F.relu(1 - torch.sqrt(s_x.var(dim=0) + 1e-4)).mean()
     return -torch.clamp(embedding_variance(s_x), max=1.0)
 
 
@@ -390,8 +392,8 @@ def training_step(nets, optimizer, mb, args):
     # 3. JEPA: predict the embedding of the next window from s_x and the action (Eq. 1). s_y carries no gradient.
     l_jepa = jepa_loss(nets["predictor"](s_x, mb["actions"]), mb["s_y"]) if args.jepa else torch.zeros(())
 
-    # 4. The variance regulariser (Eq. 2) on this minibatch's s_x.
-    l_reg = variance_regulariser(s_x)
+    # 4. The variance regulariser (Eq. 2; or VICReg's, --reg-form std) on this minibatch's s_x.
+    l_reg = variance_regulariser(s_x, args.reg_form)
 
     # 5. Eq. 3: L = L_actor + L_critic + jepa_coef * L_jepa (+ reg_coef * L_reg), both coefficients 1 by default,
     #    with L_actor = L_policy - ent_coef * entropy and L_critic = vf_coef * L_value (CleanRL's form).
@@ -576,6 +578,20 @@ COLLAPSE_ARMS = {  # name: (jepa, rl_grad, reg, what else the arm changes)
     # seeds collapsed); x100 was chosen on seeds 100 and 101 (README: collapse).
     "JEPA + regulariser x100": (True, False, True, {"reg_coef": 100.0}),
 }
+# The lab's runs (README: Exercises for a lab): each run's Part 1 flags where they differ from the defaults, as the
+# README's commands give them. --exercises runs them on --seeds seeds from EXERCISE_SEED (no figure or tuning uses
+# seeds 400 upward), then --inspect on each: one command remakes every number the README's answers quote.
+EXERCISE_SEED = 400
+STEPS_30K, COLLAPSED_SETUP = {"total_steps": 30_000}, {"total_steps": 30_000, "rl_grad": False, **COLLAPSE_SETTING}
+EXERCISES = {"worked": {"total_steps": 8192},                                                       # exercise 0
+             "config2": STEPS_30K, "config3": {**STEPS_30K, "rl_grad": False},                      # 1 (and 2 to 4, 7)
+             "noframe": {**STEPS_30K, "frame_index": False},                                        # 2
+             "config3-tau0": {**STEPS_30K, "rl_grad": False, "ema_tau": 0.0},                       # 3
+             "config3-tau1": {**STEPS_30K, "rl_grad": False, "ema_tau": 1.0},
+             "collapse": COLLAPSED_SETUP, "collapse-nonorm": {**COLLAPSED_SETUP, "final_norm": False},  # 5, 6
+             "hires": {**STEPS_30K, "image_height": 32, "image_width": 128},                        # 7
+             "collapse-reg": {**COLLAPSED_SETUP, "reg": True},                                      # 8
+             "collapse-regstd": {**COLLAPSED_SETUP, "reg": True, "reg_form": "std"}}
 
 
 def add_tool_flags(p):
@@ -591,6 +607,8 @@ def add_tool_flags(p):
                             "the state-based reference, then --plot. Resumable: finished runs are kept")
     tools.add_argument("--collapse", action="store_true", help=f"collapse demonstration: {', '.join(COLLAPSE_ARMS)} "
                        f"x --seeds seeds in the collapse setting {COLLAPSE_SETTING}, then --plot. Resumable")
+    tools.add_argument("--exercises", action="store_true", help=f"the lab's runs (README: exercises) x --seeds "
+                       f"seeds from {EXERCISE_SEED}, each followed by --inspect, then --plot. Resumable")
     tools.add_argument("--plot", action="store_true",
                        help="redraw the figures and tables in --plots-dir from the finished runs of the sweeps")
     tools.add_argument("--state-reference", action="store_true",
@@ -604,10 +622,10 @@ def add_tool_flags(p):
     tools.add_argument("--benchmark-renderer", action="store_true",
                        help="time render_frames against gymnasium's own render (+ crop, downsample), then exit")
     tools.add_argument("--sweep-dir", type=Path, default=Path("plots/runs"),
-                       help="--figure3 and --collapse keep their runs in <sweep-dir>/figure3 and <sweep-dir>/collapse; "
-                            "the default holds our committed runs (their logs, not their weights)")
+                       help="a sweep (--figure3, --collapse, --exercises) keeps its runs in <sweep-dir>/<sweep>; the "
+                            "default holds our committed runs (their logs, not their weights)")
     tools.add_argument("--print-commands", action="store_true",
-                       help="with --figure3 or --collapse: print the runs still to do, one shell command each, for "
+                       help="with a sweep's flag: print the runs still to do, one shell command each, for "
                             "a scheduler (GNU parallel, a SLURM array); then --plot collects them")
     tools.add_argument("--plots-dir", type=Path, default=Path("plots"), help="where figures and tables go")
     tools.add_argument("--seeds", type=int, default=5, help="seeds per configuration of a sweep (paper: 5)")
@@ -619,7 +637,8 @@ def add_tool_flags(p):
     return p
 
 
-MODES = ("figure3", "collapse", "plot", "state_reference", "eval", "gif", "inspect", "benchmark_renderer")
+SWEEPS = ("figure3", "collapse", "exercises")
+MODES = (*SWEEPS, "plot", "state_reference", "eval", "gif", "inspect", "benchmark_renderer")
 # Every number flag's valid range, [low, high] inclusive (None: unbounded). Checked before anything is written.
 FLAG_RANGES = {
     "seed": (0, 2**32 - 1), "threads": (0, None), **dict.fromkeys(["ema_tau", "gamma", "gae_lambda"], (0.0, 1.0)),
@@ -692,11 +711,15 @@ def parse_args(argv=None):
             parser.error(f"{modes[0]} {run}: the state reference has no pixel agent to load")
         if (problem := check_run(run, need_model=True)):
             parser.error(f"{modes[0]} {run}: {problem}")
-    if args.print_commands and not (args.figure3 or args.collapse):
-        parser.error("--print-commands goes with --figure3 or --collapse")
-    if args.plot and not any(finished_runs(args.sweep_dir / sweep) for sweep in ("figure3", "collapse")):
-        parser.error(f"--plot: no finished run in {args.sweep_dir}/figure3 or {args.sweep_dir}/collapse; run "
-                     f"--figure3 or --collapse first ({args.plots_dir} is left as it is)")
+    if args.print_commands and not any(getattr(args, sweep) for sweep in SWEEPS):
+        parser.error("--print-commands goes with --figure3, --collapse or --exercises")
+    if args.plot and not any(finished_runs(args.sweep_dir / sweep) for sweep in SWEEPS):
+        parser.error(f"--plot: no finished run in {args.sweep_dir}/figure3, collapse or exercises; run a sweep "
+                     f"first ({args.plots_dir} is left as it is)")
+    method = [f"--{a.dest.replace('_', '-')}" for a in build_parser()._actions if a.dest not in ("help", "seed")
+              and getattr(args, a.dest) != a.default]
+    if args.exercises and method:
+        parser.error(f"{' '.join(method)}: --exercises runs the README's commands as written, at the defaults")
     # What --collapse sets itself: the setting of all its arms, and what one arm changes (the x100 weight). A user's
     # value would be silently overridden in one arm and not in the others, so it is refused instead.
     set_by_collapse = [*COLLAPSE_SETTING, *(k for *_, changes in COLLAPSE_ARMS.values() for k in changes)]
@@ -1059,7 +1082,7 @@ COLORS = {1: "tab:purple", 2: "tab:blue", 3: "tab:red", 4: "tab:green", "state":
 PER_RUN_FLAGS = {"out", "seed", "threads", "jepa", "rl_grad", "reg", "device", "overwrite", "window", *MODES,
                  "sweep_dir", "plots_dir", "seeds", "workers", "eval_episodes", "renderer", "print_commands"}
 # Flags added after runs were made: a config.json without them was made with these values.
-LATER_FLAGS = {"frame_index": True}
+LATER_FLAGS = {"frame_index": True, "reg_form": "var"}
 
 
 def fail(message):
@@ -1126,6 +1149,8 @@ def sweep_groups(kind):
     """{group: its runs' folder name without the seed}: Figure 3's configurations and the reference, or the arms."""
     if kind == "figure3":
         return {**{c: run_name(j, g, r) for c, (j, g, r, _) in FIGURE3_CONFIGS.items()}, "state": "state"}
+    if kind == "exercises":
+        return {name: name for name in EXERCISES}
     return {arm: run_name(j, g, r) + "".join(f"-{k.replace('_', '')}{v:g}" for k, v in changes.items())
             for arm, (j, g, r, changes) in COLLAPSE_ARMS.items()}              # e.g. jepa-norlgrad-reg-regcoef100
 
@@ -1135,6 +1160,9 @@ def sweep_job(args, kind, group, seed):
     out = args.sweep_dir / kind / f"{sweep_groups(kind)[group]}-seed{seed}"
     if group == "state":
         return argparse.Namespace(**{**vars(args), "state_reference": True, "seed": seed, "threads": 1, "out": out})
+    if kind == "exercises":
+        return argparse.Namespace(**{**vars(args), **EXERCISES[group], "seed": seed, "threads": 1, "exercises": False,
+                                     "print_commands": False, "out": out})
     j, g, r, changes = (*FIGURE3_CONFIGS[group][:3], {}) if kind == "figure3" else COLLAPSE_ARMS[group]
     setting = {**COLLAPSE_SETTING, **changes} if kind == "collapse" else {}
     return argparse.Namespace(**{**vars(args), **setting, "jepa": j, "rl_grad": g, "reg": r, "seed": seed,
@@ -1144,7 +1172,7 @@ def sweep_job(args, kind, group, seed):
 
 def command_line(job):
     """One run of a sweep as a shell command that writes the same run folder as the sweep would: Part 1's flags
-    (the method's settings) where they differ from the defaults, the three switches always."""
+    (the method's settings) where they differ from the defaults, the three switches always; then --inspect."""
     flags = ["--state-reference", "--total-steps", str(job.total_steps)] if job.state_reference else []
     for action in [] if job.state_reference else build_parser()._actions:
         value = getattr(job, action.dest, None)
@@ -1153,8 +1181,9 @@ def command_line(job):
                 flags.append(action.option_strings[0 if value else 1])
         elif action.dest not in ("help", "seed") and value != action.default:
             flags += [action.option_strings[0], str(value)]
-    return " ".join(["python", Path(__file__).name, *flags, "--seed", str(job.seed), "--threads", "1",
+    line = " ".join(["python", Path(__file__).name, *flags, "--seed", str(job.seed), "--threads", "1",
                      "--out", str(job.out), "--overwrite"])
+    return line if job.state_reference else f"{line} && python {Path(__file__).name} --inspect {job.out}"
 
 
 def _sweep_worker(run_args):
@@ -1168,6 +1197,7 @@ def _sweep_worker(run_args):
         else:
             train(run_args, log=RunLog(run_args))
             plot_training(run_args.out)
+            inspect_run(run_args.out)                      # the final encoder's probes, while its weights are here
 
 
 def last_logged_step(out):
@@ -1200,9 +1230,9 @@ def lock_sweep(folder):
 
 def unfinished_jobs(args, kind):
     """The sweep's runs still to do: not finished, or finished but damaged (redone, with a warning)."""
-    jobs = []
+    jobs, first = [], EXERCISE_SEED if kind == "exercises" else 1
     for group in sweep_groups(kind):
-        for job in (sweep_job(args, kind, group, seed) for seed in range(1, args.seeds + 1)):
+        for job in (sweep_job(args, kind, group, seed) for seed in range(first, first + args.seeds)):
             if (job.out / "summary.json").exists():
                 weights = (job.out / "model.pt").exists()          # committed runs keep no weights
                 if (problem := check_run(job.out, need_model=weights)) is None:
@@ -1221,7 +1251,7 @@ def run_sweep(args, kind):
     lock = lock_sweep(args.sweep_dir / kind)
     jobs = unfinished_jobs(args, kind)
     total = len(sweep_groups(kind)) * args.seeds
-    steps_per_run = math.prod(rollout_sizes(args.num_envs, args.num_steps, args.total_steps))
+    steps_per_run = [math.prod(rollout_sizes(job.num_envs, job.num_steps, job.total_steps)) for job in jobs]
     print(f"{kind}: {total - len(jobs)}/{total} runs already finished in {args.sweep_dir / kind}; running "
           f"{len(jobs)} with {args.workers} workers (progress: console.log in each run folder)")
     start = time.time()
@@ -1235,10 +1265,11 @@ def run_sweep(args, kind):
             done = sum(p.ready() for p in pending)
             if done == len(jobs) or time.time() - last_print > (2 if sys.stdout.isatty() else 60):
                 last_print = time.time()
-                steps = sum(steps_per_run if p.ready() else last_logged_step(job.out) for p, job in zip(pending, jobs))
+                steps = sum(n if p.ready() else last_logged_step(job.out)
+                            for p, job, n in zip(pending, jobs, steps_per_run))
                 sps = steps / max(time.time() - start, 1e-9)
-                eta = f"{(len(jobs) * steps_per_run - steps) / sps / 60:5.1f} min" if steps else "?"
-                print(f"\r{kind}: {done}/{len(jobs)} runs done | {steps:,}/{len(jobs) * steps_per_run:,} steps | "
+                eta = f"{(sum(steps_per_run) - steps) / sps / 60:5.1f} min" if steps else "?"
+                print(f"\r{kind}: {done}/{len(jobs)} runs done | {steps:,}/{sum(steps_per_run):,} steps | "
                       f"{sps:4.0f} sps | {time.time() - start:5.0f}s elapsed | eta {eta}",
                       end="" if sys.stdout.isatty() else "\n", flush=True)
             if done == len(jobs):
@@ -1255,8 +1286,8 @@ def run_sweep(args, kind):
         pool.join()
     if jobs:                                               # a rerun with nothing to do keeps the last record
         (args.sweep_dir / kind / "sweep.json").write_text(json.dumps(
-            {"runs": len(jobs), "wall_s": time.time() - start, "steps": len(jobs) * steps_per_run,
-             "aggregate_sps": len(jobs) * steps_per_run / (time.time() - start), "workers": args.workers}, indent=2))
+            {"runs": len(jobs), "wall_s": time.time() - start, "steps": sum(steps_per_run),
+             "aggregate_sps": sum(steps_per_run) / (time.time() - start), "workers": args.workers}, indent=2))
     plot(args)
     lock.close()
     if failed:
@@ -1454,6 +1485,39 @@ def summary_row(runs, grid):
     return row
 
 
+def write_exercise_table(args):
+    """plots/exercises_summary.csv: one row per finished run of the lab (whatever its seed), with what the README's
+    answers quote: first, lowest and last values of the return, the JEPA loss, the variance and the effective rank;
+    the collapse criterion; both probes in the last update and --inspect's report."""
+    rows, finished = [], finished_runs(args.sweep_dir / "exercises")
+    for name in EXERCISES:
+        for seed, run in sorted((int(d.name.rsplit("seed", 1)[1]), d) for d in finished
+                                if d.name.rsplit("-seed", 1)[0] == name):
+            if (problem := check_run(run)) is not None:
+                print(f"warning: {problem}: this run is left out", flush=True)
+                continue
+            check_same_settings(run, sweep_job(args, "exercises", name, seed))
+            u, summary = read_csv(run / "updates.csv"), json.loads((run / "summary.json").read_text())
+            row, low = {"run": name, "seed": seed, "steps": int(u["step"][-1])}, u["effective_rank"] < COLLAPSED_RANK
+            for column in ("mean_return", "jepa_loss", "embedding_var", "effective_rank"):
+                known = np.isfinite(u[column])
+                values, steps = u[column][known], u["step"][known]
+                row.update({f"{column}_first": f"{values[0]:.3g}", f"{column}_lowest": f"{values.min():.3g}",
+                            f"{column}_lowest_step": int(steps[values.argmin()]),
+                            f"{column}_last": f"{values[-1]:.3g}"})
+            share, collapsed, escape = collapse_dynamics(u["step"], u["effective_rank"])
+            row.update({"rank_below_1.5_from": int(u["step"][low][0]) if low.any() else "-",
+                        "rank_below_1.5_until": int(u["step"][low][-1]) if low.any() else "-",
+                        "collapsed_share": f"{share:.2f}", "collapsed": collapsed, "escape_step": escape})
+            row.update({c: f"{u[c][np.isfinite(u[c])][-1]:.2f}" for c in UPDATE_COLUMNS if "r2" in c})
+            if (run / "inspect.json").exists():
+                report = json.loads((run / "inspect.json").read_text())
+                row.update({f"inspect_{k}": f"{v:.3g}" for k, v in report.items() if k not in ("seed", "windows")})
+            rows.append({**row, "wall_s": f"{summary['wall_s']:.0f}", "machine": machine_label(summary.get("machine"))})
+    if rows:
+        write_csv(args.plots_dir / "exercises_summary.csv", rows)
+
+
 def plot_intervals(args, sweep, plt):
     """plots/intervals.png, as rliable draws them: per configuration the IQM (tick) and its 95% bootstrap interval
     (bar) for the final return and for the area under the curve; then P(X > Y) for the paper's pairs."""
@@ -1499,6 +1563,7 @@ def plot(args):
         warnings.filterwarnings("ignore", "Mean of empty slice|Degrees of freedom|All-NaN slice", RuntimeWarning)
         for kind in ("figure3", "collapse"):
             plot_sweep(args, kind, grid, plt)
+    write_exercise_table(args)
     print(f"figures and tables in {args.plots_dir}")
 
 
@@ -1792,8 +1857,8 @@ def main(argv=None):
     try:
         if args.benchmark_renderer:
             benchmark_renderer(args.image_height, args.image_width, args.num_envs)
-        elif args.figure3 or args.collapse:
-            run_sweep(args, "figure3" if args.figure3 else "collapse")
+        elif (kind := next((sweep for sweep in SWEEPS if getattr(args, sweep)), None)):
+            run_sweep(args, kind)
         elif args.plot:
             plot(args)
         elif args.eval:
@@ -1811,8 +1876,8 @@ def main(argv=None):
             train(args, renderer, RunLog(args))
             print(f"figure of this run: {plot_training(args.out)}")
     except KeyboardInterrupt:
-        if args.figure3 or args.collapse:
-            where = args.sweep_dir / ("figure3" if args.figure3 else "collapse")
+        if (kind := next((sweep for sweep in SWEEPS if getattr(args, sweep)), None)):
+            where = args.sweep_dir / kind
             sys.exit(f"\ninterrupted: finished runs are kept in {where}; unfinished ones are redone when started again")
         sys.exit(f"\ninterrupted: the logs so far are in {args.out}" if args.out else "\ninterrupted")
     except FloatingPointError as error:

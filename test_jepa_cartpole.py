@@ -393,6 +393,26 @@ def test_eq2_gradient_fades_as_the_batch_collapses():
     assert norms[3] < 1e-12                                       # full collapse: no push at all (up to rounding)
 
 
+def test_vicregs_std_form_keeps_pushing_as_the_batch_collapses():
+    """--reg-form std, VICReg's variance term mean_i relu(1 - sqrt(Var_i + 1e-4)) (Bardes et al. 2022, Sec. 4.1).
+    d sqrt(Var) / ds = (s - mean) / ((n - 1) sqrt(Var)): the spread cancels, so the push keeps its size as the batch
+    closes in on its mean, down to the 1e-4 under the root (a spread of about 0.01). Eq. 2's push shrinks with it."""
+    s = torch.tensor([[0.0], [0.2]], dtype=torch.float64)           # variance 0.02: L = 1 - sqrt(0.0201)
+    assert jc.variance_regulariser(s, "std").item() == pytest.approx(1 - math.sqrt(0.0201))
+    wide = torch.tensor([[0.0, 0.0], [4.0, 6.0]], requires_grad=True)   # standard deviations above 1: the hinge is 0
+    jc.variance_regulariser(wide, "std").backward()
+    assert wide.grad.abs().sum() == 0
+    g = torch.Generator().manual_seed(0)
+    c, noise = torch.randn(1, D, generator=g, dtype=torch.float64), torch.randn(32, D, generator=g, dtype=torch.float64)
+
+    def push(form, spread):
+        s = (c + spread * noise).requires_grad_(True)
+        jc.variance_regulariser(s, form).backward()
+        return s.grad.norm().item()
+    assert push("var", 0.03) / push("var", 0.3) == pytest.approx(0.1)     # ten times less spread, ten times less push
+    assert push("std", 0.03) / push("std", 0.3) > 0.9                     # about the same push
+
+
 def test_a_constant_encoder_and_predictor_solve_eq1_perfectly():
     """The trivial solution collapse exploits: an encoder that ignores its input (patch weights 0) and a predictor
     that outputs that constant give JEPA loss 0, and the embedding variance is 0: collapse, by definition."""
@@ -931,6 +951,40 @@ def test_every_exercise_command_runs_in_miniature(tmp_path, monkeypatch, capsys)
         assert "error" not in capsys.readouterr().err
 
 
+def test_readme_exercise_commands_are_the_exercises_sweeps_runs(tmp_path, monkeypatch):
+    """Each training command of the README's exercises is one run of --exercises, with the same settings, and each
+    run of --exercises has its command: the sweep remakes what the README quotes."""
+    monkeypatch.chdir(tmp_path)
+    sweep_args, named = jc.parse_args(["--exercises"]), set()
+    for argv in (shlex.split(c)[2:] for c in readme_exercise_commands()):
+        if "--inspect" in argv:
+            continue
+        args = jc.parse_args(argv)
+        name = args.out.name.rsplit("-seed", 1)[0]
+        job = jc.sweep_job(sweep_args, "exercises", name, args.seed)
+        assert args.seed == jc.EXERCISE_SEED and args.out.parent == Path("runs/ex")
+        method = [a.dest for a in jc.build_parser()._actions if a.dest != "help"]
+        assert {k: getattr(args, k) for k in method} == {k: getattr(job, k) for k in method}, name
+        named.add(name)
+    assert named == set(jc.EXERCISES)
+    with pytest.raises(SystemExit) as refused:                 # the sweep runs the README's settings, no others
+        jc.parse_args(["--exercises", "--total-steps", "1000"])
+    assert refused.value.code == 2
+
+
+def test_exercises_sweep_inspects_each_run_and_tabulates_it(tmp_path, monkeypatch):
+    """--exercises: each run is trained, then inspected while its weights are there; the table has a row per run."""
+    tiny = {"total_steps": 128, "num_envs": 4, "num_steps": 16, "num_minibatches": 2, "update_epochs": 1, "depth": 1}
+    monkeypatch.setattr(jc, "EXERCISES", {"tiny": tiny, "tiny-std": {**tiny, "reg": True, "reg_form": "std"}})
+    flags = ["--exercises", "--seeds", "1", "--sweep-dir", str(tmp_path / "sweep"), "--plots-dir", str(tmp_path)]
+    jc.main(flags)
+    with open(tmp_path / "exercises_summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["run"], r["seed"]) for r in rows] == [("tiny", "400"), ("tiny-std", "400")]
+    assert all(r["steps"] == "128" and r["inspect_onpolicy_r2_theta"] for r in rows)
+    assert json.loads((tmp_path / "sweep/exercises/tiny-std-seed400/config.json").read_text())["reg_form"] == "std"
+
+
 # ---------------------------------------------------------------------------------------------- sweeps
 def test_figure3_sweep_is_resumable_and_writes_its_plots(tmp_path):
     sweep, plots = tmp_path / "sweep", tmp_path / "plots"
@@ -1290,9 +1344,11 @@ def test_printed_commands_make_the_runs_that_plot_collects(tmp_path, monkeypatch
     assert len(lines) == 2 * len(jc.COLLAPSE_ARMS)                                # 2 seeds of every arm
     assert all(line.startswith("python jepa_cartpole.py ") for line in lines)
     assert all("--predictor-lr-scale" in line for line in lines)                 # the collapse setting travels
-    result = subprocess.run([sys.executable, str(SCRIPT), *shlex.split(lines[1])[2:]], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=120)                 # JEPA only, seed 2
-    assert result.returncode == 0, result.stderr
+    train, inspect = lines[1].split(" && ")                                         # JEPA only, seed 2
+    for command in (train, inspect):
+        result = subprocess.run([sys.executable, str(SCRIPT), *shlex.split(command)[2:]], cwd=tmp_path,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
     jc.main([*SWEEP_FLAGS, "--seeds", "2", "--sweep-dir", str(sweep), "--print-commands"])
     assert capsys.readouterr().out.strip().splitlines() == lines[:1] + lines[2:]   # only the unfinished ones remain
     jc.main(["--plot", "--sweep-dir", str(sweep), "--plots-dir", str(tmp_path / "plots"), *TINY])
