@@ -552,7 +552,7 @@ def train(args, render=None, log=None):
 # PART 2: EXPERIMENTS AND TOOLS (skip on a first reading)
 # ======================================================================================================
 # Nothing below is needed to follow the method. Here: the tools' flags and the range check of every flag, the
-# linear probe, gymnasium's renderer for checking ours, the state-based PPO reference, the Figure 3 and
+# linear probe, gymnasium's renderer for checking ours, the state-based PPO reference, the Figure 3, exercise and
 # collapse sweeps with their plots, evaluation and the GIF of a trained agent.
 import contextlib
 import csv
@@ -1069,7 +1069,7 @@ def train_state_reference(seed, total_steps, out, window=20):
     return summary
 
 
-# ---- 13. Sweeps: Figure 3 (paper Section 3) and the collapse demonstration ----------------------------------------
+# ---- 13. Sweeps: Figure 3 (paper Section 3), the collapse demonstration and the lab's exercises ---------------------
 FIGURE3_CONFIGS = {  # paper number: (jepa, rl_grad, reg, label)
     1: (False, True, False, "1: no JEPA, RL gradients (baseline)"),
     2: (True, True, False, "2: JEPA + RL gradients"),
