@@ -83,7 +83,7 @@ def build_parser():
     p.add_argument("--ema-tau", type=float, default=0.99, help="the y-encoder's EMA rate tau (paper: 0.99)")
     p.add_argument("--jepa-coef", type=float, default=1.0, help="weight of Eq. 1 in Eq. 3 (paper: 1)")
     p.add_argument("--reg-coef", type=float, default=1.0, help="weight of Eq. 2 in Eq. 3 (paper: 1)")
-    p.add_argument("--reg-form", choices=["var", "std"], default="var", help="var: Eq. 2; std: VICReg's (ex. 8)")
+    p.add_argument("--reg-form", choices=["var", "std"], default="var", help="with --reg: Eq. 2 or VICReg's (ex. 8)")
     p.add_argument("--fresh-targets", action=on_off, default=False, help="s_y per minibatch (slower), not per rollout")
     # --- PPO: CleanRL's ppo.py, except 16 envs x 32 steps (CleanRL: 4 x 128, the same 512 per rollout), one hidden
     #     layer per head (CleanRL: two) and every value whose help says otherwise (plots/README.md: What mattered).
@@ -303,7 +303,7 @@ def variance_regulariser(s_x, form="var"):
     # Eq. 2: L_reg = - min(1, (1/d) * sum_i Var_batch(s_x)_i). Minimising it rewards spread across the batch,
     # the opposite of collapse. Clamped at 1, the paper's bound; with our final LayerNorm (ViTEncoder) it rarely acts.
     # Its push fades with the spread (dVar/ds = 2 (s - mean) / (B - 1)). VICReg (Bardes et al. 2022, Sec. 4.1) hinges
-    # each feature's standard deviation instead, whose push does not fade: mean_i relu(1 - sqrt(Var_i + 1e-4)).
+    # each feature's std, mean_i relu(1 - sqrt(Var_i + 1e-4)): its push keeps its size down to a spread of ~0.01.
     if form == "std":
         return F.relu(1 - torch.sqrt(s_x.var(dim=0) + 1e-4)).mean()
     return -torch.clamp(embedding_variance(s_x), max=1.0)
@@ -604,9 +604,11 @@ def add_tool_flags(p):
     tools = p.add_argument_group("experiments and tools (Part 2); at most one of the modes")
     tools.add_argument("--figure3", action="store_true",
                        help="run the paper's 4 configurations x --seeds seeds (1, 2, ...) x --total-steps, plus "
-                            "the state-based reference, then --plot. Resumable: finished runs are kept")
+                            "the state-based reference, each pixel run followed by --inspect, then --plot. Resumable: "
+                            "finished runs are kept")
     tools.add_argument("--collapse", action="store_true", help=f"collapse demonstration: {', '.join(COLLAPSE_ARMS)} "
-                       f"x --seeds seeds in the collapse setting {COLLAPSE_SETTING}, then --plot. Resumable")
+                       f"x --seeds seeds in the collapse setting {COLLAPSE_SETTING}, each followed by --inspect, "
+                       "then --plot. Resumable")
     tools.add_argument("--exercises", action="store_true", help=f"the lab's runs (README: exercises) x --seeds "
                        f"seeds from {EXERCISE_SEED}, each followed by --inspect, then --plot. Resumable")
     tools.add_argument("--plot", action="store_true",
@@ -716,7 +718,8 @@ def parse_args(argv=None):
     if args.plot and not any(finished_runs(args.sweep_dir / sweep) for sweep in SWEEPS):
         parser.error(f"--plot: no finished run in {args.sweep_dir}/figure3, collapse or exercises; run a sweep "
                      f"first ({args.plots_dir} is left as it is)")
-    method = [f"--{a.dest.replace('_', '-')}" for a in build_parser()._actions if a.dest not in ("help", "seed")
+    method = [a.option_strings[0 if getattr(args, a.dest) or len(a.option_strings) == 1 else 1]
+              for a in build_parser()._actions if a.dest not in ("help", "seed", "device")
               and getattr(args, a.dest) != a.default]
     if args.exercises and method:
         parser.error(f"{' '.join(method)}: --exercises runs the README's commands as written, at the defaults")
@@ -1146,7 +1149,8 @@ def check_same_settings(out, args):
 
 
 def sweep_groups(kind):
-    """{group: its runs' folder name without the seed}: Figure 3's configurations and the reference, or the arms."""
+    """{group: its runs' folder name without the seed}: Figure 3's configurations and the reference, the collapse
+    demonstration's arms, or the exercises' runs."""
     if kind == "figure3":
         return {**{c: run_name(j, g, r) for c, (j, g, r, _) in FIGURE3_CONFIGS.items()}, "state": "state"}
     if kind == "exercises":
@@ -1156,7 +1160,8 @@ def sweep_groups(kind):
 
 
 def sweep_job(args, kind, group, seed):
-    """The Namespace of one run of a sweep: the sweep's flags, the group's switches (and the collapse setting)."""
+    """The Namespace of one run of a sweep: the sweep's flags, the group's switches (and the collapse setting), or
+    for the exercises the defaults with the run's flags."""
     out = args.sweep_dir / kind / f"{sweep_groups(kind)[group]}-seed{seed}"
     if group == "state":
         return argparse.Namespace(**{**vars(args), "state_reference": True, "seed": seed, "threads": 1, "out": out})
@@ -1250,6 +1255,9 @@ def run_sweep(args, kind):
         return
     lock = lock_sweep(args.sweep_dir / kind)
     jobs = unfinished_jobs(args, kind)
+    for run in finished_runs(args.sweep_dir / kind):      # trained, but stopped before its --inspect: inspect it now
+        if (run / "model.pt").exists() and not (run / "inspect.json").exists() and not run.name.startswith("state-"):
+            inspect_run(run)
     total = len(sweep_groups(kind)) * args.seeds
     steps_per_run = [math.prod(rollout_sizes(job.num_envs, job.num_steps, job.total_steps)) for job in jobs]
     print(f"{kind}: {total - len(jobs)}/{total} runs already finished in {args.sweep_dir / kind}; running "
@@ -1490,13 +1498,15 @@ def write_exercise_table(args):
     answers quote: first, lowest and last values of the return, the JEPA loss, the variance and the effective rank;
     the collapse criterion; both probes in the last update and --inspect's report."""
     rows, finished = [], finished_runs(args.sweep_dir / "exercises")
+    method_defaults = {a.dest: a.default for a in build_parser()._actions if a.dest != "help"}
+    defaults = argparse.Namespace(**{**vars(args), **method_defaults})
     for name in EXERCISES:
         for seed, run in sorted((int(d.name.rsplit("seed", 1)[1]), d) for d in finished
                                 if d.name.rsplit("-seed", 1)[0] == name):
             if (problem := check_run(run)) is not None:
                 print(f"warning: {problem}: this run is left out", flush=True)
                 continue
-            check_same_settings(run, sweep_job(args, "exercises", name, seed))
+            check_same_settings(run, sweep_job(defaults, "exercises", name, seed))   # whatever --plot's own flags
             u, summary = read_csv(run / "updates.csv"), json.loads((run / "summary.json").read_text())
             row, low = {"run": name, "seed": seed, "steps": int(u["step"][-1])}, u["effective_rank"] < COLLAPSED_RANK
             for column in ("mean_return", "jepa_loss", "embedding_var", "effective_rank"):
@@ -1555,7 +1565,8 @@ def plot_intervals(args, sweep, plt):
 
 
 def plot(args):
-    """Figure 3 and the collapse figure with their tables, from whichever sweeps have finished runs."""
+    """Figure 3 and the collapse figure with their tables, and the exercises' table, from whichever sweeps have
+    finished runs."""
     plt, (batch_size, num_updates) = pyplot(), rollout_sizes(args.num_envs, args.num_steps, args.total_steps)
     grid = np.arange(batch_size, num_updates * batch_size + 1, batch_size)     # one point per rollout
     args.plots_dir.mkdir(parents=True, exist_ok=True)

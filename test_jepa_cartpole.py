@@ -983,6 +983,12 @@ def test_exercises_sweep_inspects_each_run_and_tabulates_it(tmp_path, monkeypatc
     assert [(r["run"], r["seed"]) for r in rows] == [("tiny", "400"), ("tiny-std", "400")]
     assert all(r["steps"] == "128" and r["inspect_onpolicy_r2_theta"] for r in rows)
     assert json.loads((tmp_path / "sweep/exercises/tiny-std-seed400/config.json").read_text())["reg_form"] == "std"
+    (tmp_path / "sweep/exercises/tiny-seed400/inspect.json").unlink()     # as if stopped between training and --inspect
+    jc.main(flags)                                                        # nothing to train: the inspection is redone
+    assert (tmp_path / "sweep/exercises/tiny-seed400/inspect.json").exists()
+    with pytest.raises(SystemExit) as refused:
+        jc.parse_args(["--exercises", "--no-jepa"])
+    assert refused.value.code == 2
 
 
 # ---------------------------------------------------------------------------------------------- sweeps
