@@ -250,9 +250,8 @@ class ViTEncoder(nn.Module):
 
 # ---- 4. y-encoder: an exponential moving average of the x-encoder (paper Section 2, "Input and Encoder") ----------
 # Same architecture, same initial weights (a deep copy). It reads the window one step later, [f(t-1), f(t), f(t+1)],
-# exactly the x-encoder's NEXT input: s_y is "the embedding of where the system went". It never receives gradients
-# (requires_grad_(False), not in the optimiser). After every optimiser step, in every configuration (--no-jepa: nothing
-# reads it):  theta_y <- tau * theta_y + (1 - tau) * theta_x
+# exactly the x-encoder's NEXT input: s_y is "the embedding of where the system went". No gradients, not in the
+# optimiser; after every optimiser step, in every configuration:  theta_y <- tau * theta_y + (1 - tau) * theta_x
 
 def make_y_encoder(x_encoder):
     return copy.deepcopy(x_encoder).requires_grad_(False)
@@ -300,10 +299,9 @@ def embedding_variance(s):
 
 
 def variance_regulariser(s_x, form="var"):
-    # Eq. 2: L_reg = - min(1, (1/d) * sum_i Var_batch(s_x)_i). Minimising it rewards spread across the batch,
-    # the opposite of collapse. Clamped at 1, the paper's bound; with our final LayerNorm (ViTEncoder) it rarely acts.
-    # Its push fades with the spread (dVar/ds = 2 (s - mean) / (B - 1)). VICReg (Bardes et al. 2022, Sec. 4.1) hinges
-    # each feature's std, mean_i relu(1 - sqrt(Var_i + 1e-4)): its push keeps its size down to a spread of ~0.01.
+    # Eq. 2: L_reg = -min(1, (1/d) sum_i Var_batch(s_x)_i) rewards spread, the opposite of collapse (the clamp at 1
+    # rarely acts with our final LayerNorm). Its push, dVar/ds = 2 (s - mean) / (B - 1), fades as the batch closes in;
+    # VICReg's hinge on each feature's std (Bardes et al. 2022, 4.1) pushes on down to a spread of ~0.01 (ex. 8).
     if form == "std":
         return F.relu(1 - torch.sqrt(s_x.var(dim=0) + 1e-4)).mean()
     return -torch.clamp(embedding_variance(s_x), max=1.0)
@@ -641,6 +639,13 @@ def add_tool_flags(p):
 
 SWEEPS = ("figure3", "collapse", "exercises")
 MODES = (*SWEEPS, "plot", "state_reference", "eval", "gif", "inspect", "benchmark_renderer")
+
+
+def sweep_kind(args):
+    """The sweep this command runs (figure3, collapse or exercises), or None."""
+    return next((sweep for sweep in SWEEPS if getattr(args, sweep)), None)
+
+
 # Every number flag's valid range, [low, high] inclusive (None: unbounded). Checked before anything is written.
 FLAG_RANGES = {
     "seed": (0, 2**32 - 1), "threads": (0, None), **dict.fromkeys(["ema_tau", "gamma", "gae_lambda"], (0.0, 1.0)),
@@ -713,7 +718,7 @@ def parse_args(argv=None):
             parser.error(f"{modes[0]} {run}: the state reference has no pixel agent to load")
         if (problem := check_run(run, need_model=True)):
             parser.error(f"{modes[0]} {run}: {problem}")
-    if args.print_commands and not any(getattr(args, sweep) for sweep in SWEEPS):
+    if args.print_commands and not sweep_kind(args):
         parser.error("--print-commands goes with --figure3, --collapse or --exercises")
     if args.plot and not any(finished_runs(args.sweep_dir / sweep) for sweep in SWEEPS):
         parser.error(f"--plot: no finished run in {args.sweep_dir}/figure3, collapse or exercises; run a sweep "
@@ -1165,9 +1170,10 @@ def sweep_job(args, kind, group, seed):
     out = args.sweep_dir / kind / f"{sweep_groups(kind)[group]}-seed{seed}"
     if group == "state":
         return argparse.Namespace(**{**vars(args), "state_reference": True, "seed": seed, "threads": 1, "out": out})
-    if kind == "exercises":
-        return argparse.Namespace(**{**vars(args), **EXERCISES[group], "seed": seed, "threads": 1, "exercises": False,
-                                     "print_commands": False, "out": out})
+    if kind == "exercises":          # the README's commands: Part 1's defaults and the run's flags, whatever args has
+        defaults = {a.dest: a.default for a in build_parser()._actions if a.dest != "help"}
+        return argparse.Namespace(**{**vars(args), **defaults, **EXERCISES[group], "seed": seed, "threads": 1,
+                                     "exercises": False, "print_commands": False, "out": out})
     j, g, r, changes = (*FIGURE3_CONFIGS[group][:3], {}) if kind == "figure3" else COLLAPSE_ARMS[group]
     setting = {**COLLAPSE_SETTING, **changes} if kind == "collapse" else {}
     return argparse.Namespace(**{**vars(args), **setting, "jepa": j, "rl_grad": g, "reg": r, "seed": seed,
@@ -1428,19 +1434,25 @@ def load_runs(run_dirs, grid, window):
     return {k: np.array(v) for k, v in runs.items()}
 
 
+def group_runs(args, kind, group):
+    """[(seed, run folder)] of the group's finished runs, whatever their seeds (so runs made by a scheduler are
+    collected too), in seed order; a damaged run is skipped with a warning, one made with other settings refused."""
+    name, checked = sweep_groups(kind)[group], []
+    for seed, run in sorted((int(d.name.rsplit("seed", 1)[1]), d) for d in finished_runs(args.sweep_dir / kind)
+                            if d.name.rsplit("-seed", 1)[0] == name):
+        if (problem := check_run(run)) is not None:
+            print(f"warning: {problem}: this run is left out", flush=True)
+            continue
+        check_same_settings(run, sweep_job(args, kind, group, seed))
+        checked.append((seed, run))
+    return checked
+
+
 def load_sweep(args, kind, grid):
-    """{group: curves} of every finished run in the sweep's folder, whatever its seed (so runs made by a scheduler
-    are collected too); a damaged run is skipped with a warning."""
+    """{group: curves} of every finished run in the sweep's folder (group_runs)."""
     sweep = {}
-    for group, name in sweep_groups(kind).items():
-        finished, runs = [], [d for d in finished_runs(args.sweep_dir / kind) if d.name.rsplit("-seed", 1)[0] == name]
-        for run in sorted(runs, key=lambda d: int(d.name.rsplit("seed", 1)[1])):
-            if (problem := check_run(run)) is not None:
-                print(f"warning: {problem}: this run is left out", flush=True)
-                continue
-            check_same_settings(run, sweep_job(args, kind, group, int(run.name.rsplit("seed", 1)[1])))
-            finished.append(run)
-        if finished:
+    for group in sweep_groups(kind):
+        if (finished := [run for _, run in group_runs(args, kind, group)]):
             sweep[group] = load_runs(finished, grid, args.window)
     return sweep
 
@@ -1497,16 +1509,9 @@ def write_exercise_table(args):
     """plots/exercises_summary.csv: one row per finished run of the lab (whatever its seed), with what the README's
     answers quote: first, lowest and last values of the return, the JEPA loss, the variance and the effective rank;
     the collapse criterion; both probes in the last update and --inspect's report."""
-    rows, finished = [], finished_runs(args.sweep_dir / "exercises")
-    method_defaults = {a.dest: a.default for a in build_parser()._actions if a.dest != "help"}
-    defaults = argparse.Namespace(**{**vars(args), **method_defaults})
+    rows = []
     for name in EXERCISES:
-        for seed, run in sorted((int(d.name.rsplit("seed", 1)[1]), d) for d in finished
-                                if d.name.rsplit("-seed", 1)[0] == name):
-            if (problem := check_run(run)) is not None:
-                print(f"warning: {problem}: this run is left out", flush=True)
-                continue
-            check_same_settings(run, sweep_job(defaults, "exercises", name, seed))   # whatever --plot's own flags
+        for seed, run in group_runs(args, "exercises", name):
             u, summary = read_csv(run / "updates.csv"), json.loads((run / "summary.json").read_text())
             row, low = {"run": name, "seed": seed, "steps": int(u["step"][-1])}, u["effective_rank"] < COLLAPSED_RANK
             for column in ("mean_return", "jepa_loss", "embedding_var", "effective_rank"):
@@ -1868,8 +1873,8 @@ def main(argv=None):
     try:
         if args.benchmark_renderer:
             benchmark_renderer(args.image_height, args.image_width, args.num_envs)
-        elif (kind := next((sweep for sweep in SWEEPS if getattr(args, sweep)), None)):
-            run_sweep(args, kind)
+        elif sweep_kind(args):
+            run_sweep(args, sweep_kind(args))
         elif args.plot:
             plot(args)
         elif args.eval:
@@ -1887,8 +1892,8 @@ def main(argv=None):
             train(args, renderer, RunLog(args))
             print(f"figure of this run: {plot_training(args.out)}")
     except KeyboardInterrupt:
-        if (kind := next((sweep for sweep in SWEEPS if getattr(args, sweep)), None)):
-            where = args.sweep_dir / kind
+        if sweep_kind(args):
+            where = args.sweep_dir / sweep_kind(args)
             sys.exit(f"\ninterrupted: finished runs are kept in {where}; unfinished ones are redone when started again")
         sys.exit(f"\ninterrupted: the logs so far are in {args.out}" if args.out else "\ninterrupted")
     except FloatingPointError as error:
