@@ -65,6 +65,8 @@ def build_parser():
     p.add_argument("--seed", type=int, default=1, help="seeds torch, numpy and the environments")
     p.add_argument("--device", default="cpu", help="a torch device: cpu, cuda, cuda:1, mps")
     p.add_argument("--total-steps", type=int, default=100_000, help="env steps, all envs (paper: 100k)")
+    p.add_argument("--stop-after", type=int, default=None, help="end the run after this many env steps, on the "
+                   "--total-steps run's learning-rate schedule: the first part of that run, exactly")
     p.add_argument("--num-envs", type=int, default=16, help="parallel Cart Poles: bigger, cheaper network batches")
     # --- pixels and the ViT (the paper fixes only d = 64)
     # 16 rows of 600 / 64 = 9.375 screen px show 150 px above the frame's bottom; the upright pole needs 147.5
@@ -472,7 +474,8 @@ def train(args, render=None, log=None):
     np.random.seed(args.seed)
     device = torch.device(args.device)
     H, W, N, T, D = args.image_height, args.image_width, args.num_envs, args.num_steps, args.embed_dim
-    batch_size, num_updates = rollout_sizes(N, T, args.total_steps)
+    batch_size, num_updates = rollout_sizes(N, T, args.total_steps)   # the learning-rate schedule's length
+    run_updates = rollout_sizes(N, T, args.stop_after or args.total_steps)[1]   # --stop-after: its first part
     log, render = log or ConsoleLog(), render or (lambda physics: render_frames(physics, H, W))
     envs = gym.make_vec("CartPole-v1", num_envs=N, vectorization_mode="vector_entry_point")
     nets = {k: net.to(device) for k, net in make_networks(args, envs.single_action_space.n).items()}
@@ -489,7 +492,7 @@ def train(args, render=None, log=None):
     frame_stack, physics = reset_pixels(envs, args.seed, render)    # each env's window now (N, 3, H, W); (N, 4)
     previous_episode_end, global_step = np.zeros(N, dtype=bool), 0
 
-    for update in range(1, num_updates + 1):
+    for update in range(1, run_updates + 1):
         if args.anneal_lr:                  # linearly from base_lr at the first update towards 0 after the last
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * (1.0 - (update - 1.0) / num_updates)
@@ -679,6 +682,9 @@ def parse_args(argv=None):
     """Parse and check every flag, before anything is written: a bad value is an argparse error (exit code 2)."""
     parser = add_tool_flags(build_parser())
     args = parser.parse_args(argv)
+    if args.stop_after is not None and not args.num_envs * args.num_steps <= args.stop_after <= args.total_steps:
+        parser.error(f"--stop-after {args.stop_after}: must be in [one rollout ({args.num_envs * args.num_steps}), "
+                     f"--total-steps ({args.total_steps})]")
     for name, (low, high) in FLAG_RANGES.items():
         value = getattr(args, name)
         if not math.isfinite(value):
@@ -798,7 +804,8 @@ class RunLog(ConsoleLog):
 
     def __init__(self, args):
         self.out, self.device, self.probe_theta = args.out, args.device, float("nan")
-        self.updates, (_, self.num_updates) = 0, rollout_sizes(args.num_envs, args.num_steps, args.total_steps)
+        self.updates = 0
+        self.num_updates = rollout_sizes(args.num_envs, args.num_steps, args.stop_after or args.total_steps)[1]
         self.probe_set = make_probe_set(args.seed, args.image_height, args.image_width)
         self.recent_rollouts = collections.deque(maxlen=ONPOLICY_ROLLOUTS)   # for the on-policy probe
         args.out.mkdir(parents=True, exist_ok=True)
@@ -1090,7 +1097,7 @@ COLORS = {1: "tab:purple", 2: "tab:blue", 3: "tab:red", 4: "tab:green", "state":
 PER_RUN_FLAGS = {"out", "seed", "threads", "jepa", "rl_grad", "reg", "device", "overwrite", "window", *MODES,
                  "sweep_dir", "plots_dir", "seeds", "workers", "eval_episodes", "renderer", "print_commands"}
 # Flags added after runs were made: a config.json without them was made with these values.
-LATER_FLAGS = {"frame_index": True, "reg_form": "var"}
+LATER_FLAGS = {"frame_index": True, "reg_form": "var", "stop_after": None}
 
 
 def fail(message):
