@@ -1,9 +1,10 @@
-"""The paper's mechanisms as executable facts, then the tools around them. Run: python -m pytest -q
+"""The paper's mechanisms as executable facts, then the run, then the harness. Run: python -m pytest -q
 
 Part 1 follows the paper (Kenneweg et al., "JEPA for RL", ESANN 2025) in its own order: pixel Cart Pole, the
-x-encoder, the y-encoder, the predictor, Eq. 1-3, the --rl-grad switch, PPO, and how collapse is measured.
-Part 2 checks the tools: the linear probe, whole runs, the logs, bad input, Ctrl-C, checkpoints and the sweeps.
-Each test states one fact; if the implementation broke it, the test would fail.
+x-encoder, the y-encoder, the predictor, Eq. 1-3, the --rl-grad switch, PPO and the training loop.
+Part 2 checks one run of jepa_cartpole.py: its flags, its folder and logs, bad input, Ctrl-C, the collapse
+indicators and that its numbers do not move. Part 3 checks the harness, plots/experiments.py: inspection, the sweeps,
+the statistics and the README's commands. Each test states one fact; if the implementation broke it, it would fail.
 """
 
 import copy
@@ -28,12 +29,14 @@ import torch
 import torch.nn as nn
 
 import jepa_cartpole as jc
+from plots import experiments as ex
 
 SCRIPT = Path(__file__).with_name("jepa_cartpole.py")
+HARNESS = Path(__file__).with_name("plots") / "experiments.py"
 H, W, PATCH, D = 16, 64, 8, 64           # the default frame and embedding sizes
-TINY = ["--total-steps", "128", "--num-envs", "4", "--num-steps", "16", "--num-minibatches", "2",
-        "--update-epochs", "1", "--depth", "1", "--threads", "1"]   # 2 updates of 64 transitions: seconds per run
-
+TINY_METHOD = ["--total-steps", "128", "--num-envs", "4", "--num-steps", "16", "--num-minibatches", "2",
+               "--update-epochs", "1", "--depth", "1"]   # 2 updates of 64 transitions: seconds per run
+TINY = [*TINY_METHOD, "--threads", "1"]
 
 def small_encoder(depth=1):
     torch.manual_seed(0)
@@ -96,7 +99,7 @@ def test_numpy_renderer_draws_the_same_scene_as_gymnasium():
     """Our renderer draws gymnasium's own scene (cropped, downsampled) directly at 16 x 64."""
     states = random_states(24)
     ours = jc.render_frames(states, H, W)
-    theirs = jc.GymnasiumRenderer(H, W)(states)
+    theirs = ex.GymnasiumRenderer(H, W)(states)
     assert ours.shape == theirs.shape == (24, H, W) and ours.dtype == np.uint8
     cols = np.arange(W)
     for a, b in zip(ours, theirs):
@@ -137,7 +140,7 @@ def test_x_and_y_windows_are_the_right_frames_and_never_cross_an_episode():
     (gymnasium 1.x starts the new episode one step after the end) is marked invalid.
     """
     n = 3
-    envs = gym.make_vec("CartPole-v1", num_envs=n, vectorization_mode="vector_entry_point")
+    envs = jc.make_envs(n)
     serial = [0]
 
     def stamping_render(states):
@@ -159,7 +162,7 @@ def test_x_and_y_windows_are_the_right_frames_and_never_cross_an_episode():
     checked_ends = 0
     for _ in range(60):
         old = window.copy()
-        window, _, _, _, ended, valid = jc.step_pixels(envs, np.ones(n, dtype=np.int64), window, last_ended,
+        window, _, _, _, ended, valid, _ = jc.step_pixels(envs, np.ones(n, dtype=np.int64), window, last_ended,
                                                        stamping_render)
         for i in range(n):
             x_ids, y_ids = ids(old[i]), ids(window[i])
@@ -579,6 +582,40 @@ def test_train_feeds_the_y_encoder_the_next_window_and_trains_on_real_transition
     assert samples == 2 * 64 - autoreset_steps        # 2 updates x 1 epoch: every real transition, once
 
 
+def test_train_treats_a_truncation_as_an_episode_end_but_not_a_failure(monkeypatch):
+    """CartPole-v1 cuts an episode at 500 steps: the pole did not fall, the time ran out. So inside train(), GAE must
+    see a truncation as an episode end (no advantage flows into the next episode) but not as a termination (the
+    value of where it stood still counts: V(next) is not 0). A tiny run whose episodes are cut at 8 steps, so that
+    truncations happen: what compute_gae receives is exactly what the env said at every step."""
+    said, given = [], []                          # the env's (terminated, truncated); GAE's (terminated, episode_end)
+
+    class Recording(gym.vector.VectorWrapper):
+        def step(self, actions):
+            result = self.env.step(actions)
+            said.append((result[2].copy(), result[3].copy()))
+            return result
+
+    def short_envs(num_envs):                     # Part 1's envs, but truncated at 8 steps instead of 500
+        envs = gym.make_vec("CartPole-v1", num_envs=num_envs, vectorization_mode="vector_entry_point",
+                            max_episode_steps=8)
+        return gym.wrappers.vector.RecordEpisodeStatistics(Recording(envs))
+
+    real_gae = jc.compute_gae
+
+    def recording_gae(rewards, values, terminated, episode_end, *rest):
+        given.append((terminated.clone(), episode_end.clone()))
+        return real_gae(rewards, values, terminated, episode_end, *rest)
+
+    monkeypatch.setattr(jc, "make_envs", short_envs)
+    monkeypatch.setattr(jc, "compute_gae", recording_gae)
+    jc.train(tiny_args(), log=jc.ConsoleLog())
+    terminated = torch.tensor(np.array([term for term, _ in said]), dtype=torch.float32)             # (2T, N)
+    truncated = torch.tensor(np.array([trunc for _, trunc in said]), dtype=torch.float32)
+    assert (truncated * (1 - terminated)).sum() >= 4                  # the run did reach truncations
+    assert torch.equal(torch.cat([t for t, _ in given]), terminated)  # a truncation is no termination
+    assert torch.equal(torch.cat([e for _, e in given]), torch.clamp(terminated + truncated, max=1))   # but an end
+
+
 def test_part_1_alone_is_a_complete_program(tmp_path):
     """Cut jepa_cartpole.py at the Part 2 banner: what is left trains an agent, with a two-line entry point. So
     Part 1 uses no name and no flag defined below the banner, and it fits in 550 lines."""
@@ -596,7 +633,219 @@ def test_part_1_alone_is_a_complete_program(tmp_path):
     assert "trained 64 ['actor', 'critic', 'predictor', 'x_encoder', 'y_encoder']" in result.stdout
 
 
-# ---------------------------------------------------------------------------------------------- 9. collapse indicators
+# ######################################################################################################
+# Part 2: one run of jepa_cartpole.py
+# ######################################################################################################
+
+# ---------------------------------------------------------------------------------------------- whole runs
+def default_sigint():
+    """For a child process that a test will signal: Python turns SIGINT into KeyboardInterrupt only if SIGINT is not
+    ignored when it starts, and a background parent (`pytest &`, nohup, some CI runners) passes it on ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def start_script(*flags, cwd, script=SCRIPT, **popen):
+    """A script as a child process, running while the test goes on, with SIGINT's default handler."""
+    return subprocess.Popen([sys.executable, str(script), *flags], cwd=cwd, preexec_fn=default_sigint, **popen)
+
+
+def run_script(*flags, cwd, script=SCRIPT, timeout=240):
+    return subprocess.run([sys.executable, str(script), *flags], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def run_harness(*flags, cwd, timeout=240):
+    return run_script(*flags, cwd=cwd, script=HARNESS, timeout=timeout)
+
+
+def read_rows(path):
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return reader.fieldnames, list(reader)
+
+
+@pytest.mark.parametrize("jepa", ["--jepa", "--no-jepa"])
+@pytest.mark.parametrize("rl_grad", ["--rl-grad", "--no-rl-grad"])
+@pytest.mark.parametrize("reg", ["--reg", "--no-reg"])
+def test_every_switch_combination_trains_end_to_end(jepa, rl_grad, reg, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    jc.main([jepa, rl_grad, reg, *TINY])                 # in this process: the script's own entry point, no start-up
+    stdout = capsys.readouterr().out
+    name = "-".join(flag[2:].replace("-", "") for flag in (jepa, rl_grad, reg))   # e.g. nojepa-rlgrad-reg
+    out = tmp_path / "runs" / f"{name}-seed1"
+    assert out.is_dir(), list((tmp_path / "runs").iterdir())
+    for file in ("updates.csv", "episodes.csv", "config.json", "summary.json", "model.pt", "training.png"):
+        assert (out / file).is_file(), file
+    columns, rows = read_rows(out / "updates.csv")
+    assert columns == jc.UPDATE_COLUMNS and len(rows) == 2                  # 128 steps = 2 rollouts of 64
+    assert all(math.isfinite(float(r["loss"])) for r in rows)
+    assert all((float(r["jepa_loss"]) != 0) == (jepa == "--jepa") for r in rows)   # Eq. 1 only when switched on
+    assert (out / "episodes.csv").read_text().startswith("step,return,length")
+    assert json.loads((out / "config.json").read_text())["jepa"] == (jepa == "--jepa")
+    machine = json.loads((out / "summary.json").read_text())["machine"]   # the run names what its numbers need
+    assert machine == {**jc.machine(), "threads": machine["threads"]} and machine["threads"] >= 1
+    assert machine["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert machine["cpu_vendor"] and machine["cpu_model"]              # which CPU made these numbers
+    assert "training.png" in stdout.strip().splitlines()[-1]
+
+
+def test_same_seed_gives_identical_logs(tmp_path):
+    """Everything is seeded: two runs of one command give the same episodes and the same logged numbers (only
+    the speed, sps, differs)."""
+    logs = []
+    for k in range(2):
+        result = run_script(*TINY, "--total-steps", "256", "--seed", "7", "--out", str(tmp_path / f"run{k}"),
+                            cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        columns, rows = read_rows(tmp_path / f"run{k}" / "updates.csv")
+        logs.append(((tmp_path / f"run{k}" / "episodes.csv").read_text(),
+                     [{c: r[c] for c in columns if c != "sps"} for r in rows]))
+    assert logs[0][0] == logs[1][0] and logs[0][0].count("\n") > 5
+    assert logs[0][1] == logs[1][1] and len(logs[0][1]) == 4
+
+
+def test_non_finite_loss_stops_with_a_message_and_keeps_the_logs(tmp_path, monkeypatch):
+    monkeypatch.setattr(jc, "jepa_loss", lambda pred, target: torch.tensor(float("nan")))
+    with pytest.raises(SystemExit) as exit_info:
+        jc.main([*TINY, "--out", str(tmp_path / "run")])
+    assert "non-finite loss" in str(exit_info.value.code)
+    assert (tmp_path / "run" / "episodes.csv").read_text().startswith("step,return,length")
+    assert (tmp_path / "run" / "updates.csv").read_text().startswith(",".join(jc.UPDATE_COLUMNS))
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def _parser_types():
+    parser = jc.add_run_flags(jc.build_parser())
+    return {a.dest: a.type for a in parser._actions if a.type in (int, float)}
+
+
+def test_every_number_flag_has_a_checked_range():
+    assert set(_parser_types()) == {*jc.FLAG_RANGES, "stop_after"}   # --stop-after: checked against --total-steps
+
+
+def _range_cases():
+    """From jc.FLAG_RANGES: a value below each low bound, above each high bound, NaN and inf for float flags."""
+    types = _parser_types()
+    cases = []
+    for name, (low, high) in jc.FLAG_RANGES.items():
+        flag = "--" + name.replace("_", "-")
+        step = 1 if types[name] is int else 0.5
+        cases.append(([flag, str(low - step)], flag))
+        if high is not None:
+            cases.append(([flag, str(high + step)], flag))
+        if types[name] is float:
+            cases += [([flag, "nan"], flag), ([flag, "inf"], flag)]
+    return cases
+
+
+EXPLICIT_CASES = [
+    (["--patch-size", "0"], "--patch-size"),
+    (["--patch-size", "5"], "--patch-size"),                 # 5 does not divide 16 x 64
+    (["--image-height", "20"], "--patch-size"),              # 8 does not divide 20
+    (["--heads", "0"], "--heads"),
+    (["--heads", "3"], "--heads"),                           # 3 does not divide d = 64
+    (["--learning-rate", "-1"], "--learning-rate"),
+    (["--learning-rate", "0"], "--learning-rate"),
+    (["--num-envs", "0"], "--num-envs"),
+    (["--ema-tau", "1.5"], "--ema-tau"),
+    (["--gamma", "1.5"], "--gamma"),
+    (["--max-grad-norm", "-1"], "--max-grad-norm"),
+    (["--window", "0"], "--window"),
+    (["--predictor-lr-scale", "-1"], "--predictor-lr-scale"),
+    (["--weight-decay", "-1"], "--weight-decay"),
+    (["--image-height", "8"], "--image-height"),             # 8 x 64 crops the upright pole
+    (["--device", "cuda:7"], "--device"),
+    (["--device", "nonsense"], "--device"),
+    (["--num-envs", "4", "--num-steps", "16", "--num-minibatches", "64"], "--num-minibatches"),   # 1 sample each
+    (["--num-envs", "3", "--num-steps", "5", "--num-minibatches", "4"], "--num-minibatches"),
+    (["--total-steps", "10"], "--total-steps"),              # less than one rollout of 16 x 32
+    (["--seed", "nonsense"], "--seed"),
+    (["--stop-after", "100"], "--stop-after"),               # less than one rollout
+    (["--stop-after", "200000"], "--stop-after"),            # beyond --total-steps
+    (["--out", "{tmp}/a-file"], "--out"),                    # a file, not a folder
+]
+@pytest.mark.parametrize("flags, named", _range_cases() + EXPLICIT_CASES,
+                         ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_bad_input_is_refused_naming_the_flag_and_writes_nothing(flags, named, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "no-model").mkdir()
+    (tmp_path / "no-model" / "config.json").write_text("{}")
+    (tmp_path / "empty-sweep").mkdir()
+    (tmp_path / "a-file").write_text("not a folder")
+    before = sorted(tmp_path.rglob("*"))
+    argv = [f.format(tmp=tmp_path) for f in flags]
+    if "--out" not in flags:
+        argv += ["--out", str(tmp_path / "run")]
+    with pytest.raises(SystemExit) as exit_info:
+        jc.parse_args(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and named in err, err
+    assert "Traceback" not in err
+    assert sorted(tmp_path.rglob("*")) == before                # nothing written: no --out, no runs/, no plots/
+
+
+def test_existing_run_folder_is_not_overwritten(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "episodes.csv").write_text("precious")
+    with pytest.raises(SystemExit) as exit_info:
+        jc.parse_args(["--out", str(out)])
+    assert exit_info.value.code == 2
+    assert "--out" in capsys.readouterr().err and (out / "episodes.csv").read_text() == "precious"
+    assert jc.parse_args(["--out", str(out), "--overwrite"]).out == out
+
+
+def test_ctrl_c_stops_cleanly_and_leaves_complete_logs(tmp_path):
+    out = tmp_path / "run"
+    process = start_script(*TINY, "--total-steps", "50000", "--out", str(out), cwd=tmp_path,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and process.poll() is None:
+            if (out / "updates.csv").is_file() and len((out / "updates.csv").read_text().splitlines()) >= 2:
+                break
+            time.sleep(0.05)
+        assert process.poll() is None, "the run ended before it could be interrupted"
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode != 0
+    assert "Traceback" not in stdout + stderr, stderr
+    assert any(str(out) in line and "interrupted" in line for line in (stdout + stderr).splitlines()), stderr
+    columns, rows = read_rows(out / "updates.csv")
+    assert columns == jc.UPDATE_COLUMNS and len(rows) >= 1
+    _, episodes = read_rows(out / "episodes.csv")
+    for row in rows + episodes:
+        assert None not in row and None not in row.values() and "" not in row.values(), row
+
+
+
+def test_a_failed_write_stops_with_one_line_and_keeps_the_rows(tmp_path, monkeypatch, capsys):
+    """A disk that fills up mid-run: the third update's row cannot be written. One line names the folder and the
+    error, exit code 2, no traceback; the two rows already written still read whole."""
+    real_update = jc.RunLog.update
+    calls = []
+
+    def failing_update(self, *update_args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return real_update(self, *update_args, **kwargs)
+
+    monkeypatch.setattr(jc.RunLog, "update", failing_update)
+    with pytest.raises(SystemExit) as exit_info:
+        jc.main([*TINY, "--total-steps", "256", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert err.strip().count("\n") == 0 and str(tmp_path / "run") in err and "No space left on device" in err
+    columns, rows = read_rows(tmp_path / "run" / "updates.csv")
+    assert columns == jc.UPDATE_COLUMNS and [int(r["step"]) for r in rows] == [64, 128]
+
+
+
+# ---------------------------------------------------------------------------------------------- collapse indicators
 def test_effective_rank_counts_the_directions_the_embeddings_use():
     """exp(entropy of the normalised singular values). Singular values (3, 1) -> p = (0.75, 0.25) ->
     exp(-(0.75 ln 0.75 + 0.25 ln 0.25)) = exp(0.562) = 1.755. All on one line: 1. Fully spread: d."""
@@ -609,11 +858,7 @@ def test_effective_rank_counts_the_directions_the_embeddings_use():
     assert jc.effective_rank(isotropic).item() > 0.9 * 16
 
 
-# ######################################################################################################
-# Part 2: the tools
-# ######################################################################################################
 
-# ---------------------------------------------------------------------------------------------- linear probe
 class LookupEncoder(nn.Module):
     """A fake encoder that 'knows' the probe set: it looks each window up and returns f(true state)."""
 
@@ -675,403 +920,6 @@ def test_probe_r2_scores_what_the_encoder_knows_on_the_probe_set(probe_set):
     assert list(real) == keys and all(math.isfinite(v) for v in real.values())
 
 
-# ---------------------------------------------------------------------------------------------- whole runs
-def default_sigint():
-    """For a child process that a test will signal: Python turns SIGINT into KeyboardInterrupt only if SIGINT is not
-    ignored when it starts, and a background parent (`pytest &`, nohup, some CI runners) passes it on ignored."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def start_script(*flags, cwd, **popen):
-    """The script as a child process, running while the test goes on, with SIGINT's default handler."""
-    return subprocess.Popen([sys.executable, str(SCRIPT), *flags], cwd=cwd, preexec_fn=default_sigint, **popen)
-
-
-def run_script(*flags, cwd, timeout=240):
-    return subprocess.run([sys.executable, str(SCRIPT), *flags], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def read_rows(path):
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        return reader.fieldnames, list(reader)
-
-
-@pytest.mark.parametrize("jepa", ["--jepa", "--no-jepa"])
-@pytest.mark.parametrize("rl_grad", ["--rl-grad", "--no-rl-grad"])
-@pytest.mark.parametrize("reg", ["--reg", "--no-reg"])
-def test_every_switch_combination_trains_end_to_end(jepa, rl_grad, reg, tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    jc.main([jepa, rl_grad, reg, *TINY])                 # in this process: the script's own entry point, no start-up
-    stdout = capsys.readouterr().out
-    name = "-".join(flag[2:].replace("-", "") for flag in (jepa, rl_grad, reg))   # e.g. nojepa-rlgrad-reg
-    out = tmp_path / "runs" / f"{name}-seed1"
-    assert out.is_dir(), list((tmp_path / "runs").iterdir())
-    for file in ("updates.csv", "episodes.csv", "config.json", "summary.json", "model.pt", "training.png"):
-        assert (out / file).is_file(), file
-    columns, rows = read_rows(out / "updates.csv")
-    assert columns == jc.UPDATE_COLUMNS and len(rows) == 2                  # 128 steps = 2 rollouts of 64
-    assert all(math.isfinite(float(r["loss"])) for r in rows)
-    assert all((float(r["jepa_loss"]) != 0) == (jepa == "--jepa") for r in rows)   # Eq. 1 only when switched on
-    assert (out / "episodes.csv").read_text().startswith("step,return,length")
-    assert json.loads((out / "config.json").read_text())["jepa"] == (jepa == "--jepa")
-    machine = json.loads((out / "summary.json").read_text())["machine"]   # the run names what its numbers need
-    assert machine == {**jc.cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                       "torch": torch.__version__, "threads": machine["threads"]} and machine["threads"] >= 1
-    assert machine["cpu_vendor"] and machine["cpu_model"]              # which CPU made these numbers
-    assert "training.png" in stdout.strip().splitlines()[-1]
-
-
-def test_same_seed_gives_identical_logs(tmp_path):
-    """Everything is seeded: two runs of one command give the same episodes and the same logged numbers (only
-    the speed, sps, differs)."""
-    logs = []
-    for k in range(2):
-        result = run_script(*TINY, "--total-steps", "256", "--seed", "7", "--out", str(tmp_path / f"run{k}"),
-                            cwd=tmp_path)
-        assert result.returncode == 0, result.stderr
-        columns, rows = read_rows(tmp_path / f"run{k}" / "updates.csv")
-        logs.append(((tmp_path / f"run{k}" / "episodes.csv").read_text(),
-                     [{c: r[c] for c in columns if c != "sps"} for r in rows]))
-    assert logs[0][0] == logs[1][0] and logs[0][0].count("\n") > 5
-    assert logs[0][1] == logs[1][1] and len(logs[0][1]) == 4
-
-
-def test_non_finite_loss_stops_with_a_message_and_keeps_the_logs(tmp_path, monkeypatch):
-    monkeypatch.setattr(jc, "jepa_loss", lambda pred, target: torch.tensor(float("nan")))
-    with pytest.raises(SystemExit) as exit_info:
-        jc.main([*TINY, "--out", str(tmp_path / "run")])
-    assert "non-finite loss" in str(exit_info.value.code)
-    assert (tmp_path / "run" / "episodes.csv").read_text().startswith("step,return,length")
-    assert (tmp_path / "run" / "updates.csv").read_text().startswith(",".join(jc.UPDATE_COLUMNS))
-
-
-# ---------------------------------------------------------------------------------------------- bad input
-def _parser_types():
-    parser = jc.add_tool_flags(jc.build_parser())
-    return {a.dest: a.type for a in parser._actions if a.type in (int, float)}
-
-
-def test_every_number_flag_has_a_checked_range():
-    assert set(_parser_types()) == set(jc.FLAG_RANGES)
-
-
-def _range_cases():
-    """From jc.FLAG_RANGES: a value below each low bound, above each high bound, NaN and inf for float flags."""
-    types = _parser_types()
-    cases = []
-    for name, (low, high) in jc.FLAG_RANGES.items():
-        flag = "--" + name.replace("_", "-")
-        step = 1 if types[name] is int else 0.5
-        cases.append(([flag, str(low - step)], flag))
-        if high is not None:
-            cases.append(([flag, str(high + step)], flag))
-        if types[name] is float:
-            cases += [([flag, "nan"], flag), ([flag, "inf"], flag)]
-    return cases
-
-
-EXPLICIT_CASES = [
-    (["--patch-size", "0"], "--patch-size"),
-    (["--patch-size", "5"], "--patch-size"),                 # 5 does not divide 16 x 64
-    (["--image-height", "20"], "--patch-size"),              # 8 does not divide 20
-    (["--heads", "0"], "--heads"),
-    (["--heads", "3"], "--heads"),                           # 3 does not divide d = 64
-    (["--learning-rate", "-1"], "--learning-rate"),
-    (["--learning-rate", "0"], "--learning-rate"),
-    (["--num-envs", "0"], "--num-envs"),
-    (["--ema-tau", "1.5"], "--ema-tau"),
-    (["--gamma", "1.5"], "--gamma"),
-    (["--max-grad-norm", "-1"], "--max-grad-norm"),
-    (["--window", "0"], "--window"),
-    (["--predictor-lr-scale", "-1"], "--predictor-lr-scale"),
-    (["--weight-decay", "-1"], "--weight-decay"),
-    (["--image-height", "8"], "--image-height"),             # 8 x 64 crops the upright pole
-    (["--device", "cuda:7"], "--device"),
-    (["--device", "nonsense"], "--device"),
-    (["--num-envs", "4", "--num-steps", "16", "--num-minibatches", "64"], "--num-minibatches"),   # 1 sample each
-    (["--num-envs", "3", "--num-steps", "5", "--num-minibatches", "4"], "--num-minibatches"),
-    (["--total-steps", "10"], "--total-steps"),              # less than one rollout of 16 x 32
-    (["--seed", "nonsense"], "--seed"),
-]
-# Modes write no run folder (an --out beside them is its own error), so these run without --out.
-MODE_CASES = [
-    (["--eval", "{tmp}/missing"], "--eval"),
-    (["--eval", "{tmp}/no-model"], "--eval"),                # has config.json, no model.pt
-    (["--gif", "{tmp}/no-model"], "--gif"),
-    (["--figure3", "--plot"], "--figure3 and --plot"),       # two modes at once
-    (["--plot", "--sweep-dir", "{tmp}/empty-sweep"], "--plot"),
-    (["--eval", "{tmp}/no-model", "--out", "{tmp}/run"], "--eval"),
-    (["--collapse", "--weight-decay", "0.1"], "--weight-decay"),   # --collapse sets its own setting
-    (["--collapse", "--reg-coef", "5"], "--reg-coef"),              # and its arms' own changes
-    (["--plot", "--plots-dir", "{tmp}/a-file"], "--plots-dir"),
-    (["--figure3", "--sweep-dir", "{tmp}/a-file"], "--sweep-dir"),
-    (["--state-reference", "--total-steps", "200"], "8 envs x 32 steps = 256"),   # its own rollout, not 512
-    (["--print-commands"], "--print-commands"),              # only with a sweep
-]
-
-
-def test_the_state_reference_checks_its_own_rollout_size():
-    """The state reference collects 8 envs x 32 steps = 256 transitions per rollout, the pixel agent 512."""
-    assert jc.parse_args(["--state-reference", "--total-steps", "300", "--out", "never-written"]).total_steps == 300
-
-
-@pytest.mark.parametrize("flags, named", _range_cases() + EXPLICIT_CASES + MODE_CASES,
-                         ids=lambda v: " ".join(v) if isinstance(v, list) else None)
-def test_bad_input_is_refused_naming_the_flag_and_writes_nothing(flags, named, tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "no-model").mkdir()
-    (tmp_path / "no-model" / "config.json").write_text("{}")
-    (tmp_path / "empty-sweep").mkdir()
-    (tmp_path / "a-file").write_text("not a folder")
-    before = sorted(tmp_path.rglob("*"))
-    argv = [f.format(tmp=tmp_path) for f in flags]
-    if not any(f in flags for f in ("--eval", "--gif", "--figure3", "--plot", "--collapse")):
-        argv += ["--out", str(tmp_path / "run")]
-    with pytest.raises(SystemExit) as exit_info:
-        jc.parse_args(argv)
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and named in err, err
-    assert "Traceback" not in err
-    assert sorted(tmp_path.rglob("*")) == before                # nothing written: no --out, no runs/, no plots/
-
-
-def test_existing_run_folder_is_not_overwritten(tmp_path, capsys):
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / "episodes.csv").write_text("precious")
-    with pytest.raises(SystemExit) as exit_info:
-        jc.parse_args(["--out", str(out)])
-    assert exit_info.value.code == 2
-    assert "--out" in capsys.readouterr().err and (out / "episodes.csv").read_text() == "precious"
-    assert jc.parse_args(["--out", str(out), "--overwrite"]).out == out
-
-
-def test_plot_without_finished_runs_leaves_the_plots_byte_identical(tmp_path):
-    plots = tmp_path / "plots"
-    repo_plots = SCRIPT.with_name("plots")
-    if repo_plots.is_dir():
-        shutil.copytree(repo_plots, plots)
-    else:
-        plots.mkdir()
-    (plots / "figure3.png").write_bytes(b"\x89PNG not really")
-    (plots / "figure3_summary.csv").write_text("config,seeds\n1,5\n")
-    before = {p: p.read_bytes() for p in plots.rglob("*") if p.is_file()}      # plots/runs too
-    (tmp_path / "empty").mkdir()
-    result = run_script("--plot", "--sweep-dir", str(tmp_path / "empty"), "--plots-dir", str(plots), cwd=tmp_path)
-    assert result.returncode == 2 and "--plot" in result.stderr and "Traceback" not in result.stderr
-    assert {p: p.read_bytes() for p in plots.rglob("*") if p.is_file()} == before
-
-
-def test_ctrl_c_stops_cleanly_and_leaves_complete_logs(tmp_path):
-    out = tmp_path / "run"
-    process = start_script(*TINY, "--total-steps", "50000", "--out", str(out), cwd=tmp_path,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and process.poll() is None:
-            if (out / "updates.csv").is_file() and len((out / "updates.csv").read_text().splitlines()) >= 2:
-                break
-            time.sleep(0.05)
-        assert process.poll() is None, "the run ended before it could be interrupted"
-        process.send_signal(signal.SIGINT)
-        stdout, stderr = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    assert process.returncode != 0
-    assert "Traceback" not in stdout + stderr, stderr
-    assert any(str(out) in line and "interrupted" in line for line in (stdout + stderr).splitlines()), stderr
-    columns, rows = read_rows(out / "updates.csv")
-    assert columns == jc.UPDATE_COLUMNS and len(rows) >= 1
-    _, episodes = read_rows(out / "episodes.csv")
-    for row in rows + episodes:
-        assert None not in row and None not in row.values() and "" not in row.values(), row
-
-
-# ---------------------------------------------------------------------------------------------- a trained agent
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """A tiny run trained in this process, with its networks as they were at the end of training."""
-    out = tmp_path_factory.mktemp("tiny") / "run"
-    args = jc.parse_args([*TINY, "--out", str(out)])
-    summary, nets = jc.train(args, log=jc.RunLog(args))
-    return out, nets
-
-
-def test_checkpoint_round_trip_gives_identical_actions(tiny_run):
-    out, nets = tiny_run
-    run_args, loaded = jc.load_run(out)
-    assert set(loaded) == set(nets) and run_args.depth == 1
-    windows = random_windows(10)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded["actor"](loaded["x_encoder"](windows)),
-                                   nets["actor"](nets["x_encoder"](windows)))
-        torch.testing.assert_close(loaded["y_encoder"](windows), nets["y_encoder"](windows))
-    assert (jc.greedy_actions(loaded["x_encoder"], loaded["actor"], windows)
-            == jc.greedy_actions(nets["x_encoder"], nets["actor"], windows)).all()
-
-
-def test_eval_and_gif_run_on_a_trained_run(tiny_run, tmp_path):
-    out, _ = tiny_run
-    result = run_script("--eval", str(out), "--eval-episodes", "3", cwd=tmp_path)
-    assert result.returncode == 0 and "greedy return over 3 episodes" in result.stdout, result.stderr
-    result = run_script("--gif", str(out), cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert (out / "agent.gif").read_bytes()[:6] == b"GIF89a"              # in the run's folder, not plots/
-
-
-def test_inspect_reports_both_probes_and_the_parts_of_the_jepa_loss(tiny_run, capsys):
-    out, _ = tiny_run
-    jc.main(["--inspect", str(out)])
-    report = json.loads((out / "inspect.json").read_text())
-    assert {f"{kind}_r2_{name}" for kind in ("probe", "onpolicy") for name in jc.STATE_NAMES} <= set(report)
-    assert report["windows"] == jc.ONPOLICY_ROLLOUTS * 16 * 4                 # 4 rollouts of 4 envs x 16 steps
-    assert 0 <= report["jepa_loss_mean_part"] <= report["jepa_loss"] + 1e-6   # a part of the whole
-    assert report["jepa_loss_action_floor"] >= 0 and "inspect.json" in capsys.readouterr().out
-
-
-def readme_exercise_commands():
-    """Every command of the README's exercises, in order."""
-    text = SCRIPT.with_name("README.md").read_text()
-    section = text[text.index("\n## Exercises"):]
-    section = section[:section.index("\n## ", 5)]
-    return [line.strip() for line in section.splitlines() if line.strip().startswith("python jepa_cartpole.py")]
-
-
-def test_every_exercise_command_runs_in_miniature(tmp_path, monkeypatch, capsys):
-    """The README's exercises stay true to the flags: each command runs, shortened to 2 tiny updates."""
-    commands = readme_exercise_commands()
-    assert len(commands) >= 8
-    monkeypatch.chdir(tmp_path)
-    for command in commands:
-        argv = shlex.split(command)[2:]
-        jc.main(argv if "--inspect" in argv else [*argv, *TINY, "--overwrite"])
-        assert "error" not in capsys.readouterr().err
-
-
-def test_readme_exercise_commands_are_the_exercises_sweeps_runs(tmp_path, monkeypatch):
-    """Each training command of the README's exercises is one run of --exercises, with the same settings, and each
-    run of --exercises has its command: the sweep remakes what the README quotes."""
-    monkeypatch.chdir(tmp_path)
-    sweep_args, named = jc.parse_args(["--exercises"]), set()
-    for argv in (shlex.split(c)[2:] for c in readme_exercise_commands()):
-        if "--inspect" in argv:
-            continue
-        args = jc.parse_args(argv)
-        name = args.out.name.rsplit("-seed", 1)[0]
-        job = jc.sweep_job(sweep_args, "exercises", name, args.seed)
-        assert args.seed == jc.EXERCISE_SEED and args.out.parent == Path("runs/ex")
-        method = [a.dest for a in jc.build_parser()._actions if a.dest != "help"]
-        assert {k: getattr(args, k) for k in method} == {k: getattr(job, k) for k in method}, name
-        named.add(name)
-    assert named == set(jc.EXERCISES)
-    with pytest.raises(SystemExit) as refused:                 # the sweep runs the README's settings, no others
-        jc.parse_args(["--exercises", "--total-steps", "1000"])
-    assert refused.value.code == 2
-
-
-def test_exercises_sweep_inspects_each_run_and_tabulates_it(tmp_path, monkeypatch):
-    """--exercises: each run is trained, then inspected while its weights are there; the table has a row per run."""
-    tiny = {"total_steps": 128, "num_envs": 4, "num_steps": 16, "num_minibatches": 2, "update_epochs": 1, "depth": 1}
-    monkeypatch.setattr(jc, "EXERCISES", {"tiny": tiny, "tiny-std": {**tiny, "reg": True, "reg_form": "std"}})
-    flags = ["--exercises", "--seeds", "1", "--sweep-dir", str(tmp_path / "sweep"), "--plots-dir", str(tmp_path)]
-    jc.main(flags)
-    with open(tmp_path / "exercises_summary.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert [(r["run"], r["seed"]) for r in rows] == [("tiny", "400"), ("tiny-std", "400")]
-    assert all(r["steps"] == "128" and r["inspect_onpolicy_r2_theta"] for r in rows)
-    assert json.loads((tmp_path / "sweep/exercises/tiny-std-seed400/config.json").read_text())["reg_form"] == "std"
-    (tmp_path / "sweep/exercises/tiny-seed400/inspect.json").unlink()     # as if stopped between training and --inspect
-    jc.main(flags)                                                        # nothing to train: the inspection is redone
-    assert (tmp_path / "sweep/exercises/tiny-seed400/inspect.json").exists()
-    with pytest.raises(SystemExit) as refused:
-        jc.parse_args(["--exercises", "--no-jepa"])
-    assert refused.value.code == 2
-
-
-# ---------------------------------------------------------------------------------------------- sweeps
-def test_figure3_sweep_is_resumable_and_writes_its_plots(tmp_path):
-    sweep, plots = tmp_path / "sweep", tmp_path / "plots"
-    flags = ["--figure3", "--seeds", "1", "--sweep-dir", str(sweep), "--plots-dir", str(plots), *TINY]
-    first = run_script(*flags, cwd=tmp_path)
-    assert first.returncode == 0, first.stderr
-    runs = sweep / "figure3"
-    for name in ("nojepa-rlgrad-noreg", "jepa-rlgrad-noreg", "jepa-norlgrad-noreg", "jepa-norlgrad-reg"):
-        for file in ("updates.csv", "episodes.csv", "config.json", "summary.json", "model.pt"):
-            assert (runs / f"{name}-seed1" / file).is_file(), (name, file)
-    for file in ("episodes.csv", "updates.csv", "config.json", "summary.json"):
-        assert (runs / "state-seed1" / file).is_file(), ("state reference", file)
-    for name in ("figure3.png", "figure3_summary.csv", "figure3_curves.csv", "probe.png", "observation.png"):
-        assert (plots / name).exists(), name
-    columns, rows = read_rows(plots / "figure3_summary.csv")
-    assert [r["config"] for r in rows] == ["1", "2", "3", "4", "state"]
-    assert {"config", "seeds", "return_mean", "return_std", "collapsed_seeds", "final_var",
-            "wall_s_per_run"} <= set(columns)
-    kept = (runs / "jepa-rlgrad-noreg-seed1" / "episodes.csv").read_text()
-    redo = runs / "jepa-norlgrad-reg-seed1"
-    redone_before = (redo / "episodes.csv").read_text()
-    (redo / "summary.json").unlink()                                    # as if killed before the end
-    again = run_script(*flags, cwd=tmp_path)
-    assert again.returncode == 0, again.stderr
-    assert "4/5 runs already finished" in again.stdout                  # only the unfinished run is redone
-    assert (runs / "jepa-rlgrad-noreg-seed1" / "episodes.csv").read_text() == kept
-    assert (redo / "summary.json").exists()
-    assert (redo / "episodes.csv").read_text() == redone_before         # and redone identically (same seed)
-
-
-# ---------------------------------------------------------------------------------------------- statistics
-def test_iqm_is_the_mean_of_the_middle_half():
-    """rliable's interquartile mean: drop the lowest and highest 25% of the runs, average the rest."""
-    assert jc.iqm(np.arange(10.0)) == np.mean([2, 3, 4, 5, 6, 7])            # 10 runs: 2 cut from each end
-    assert jc.iqm([1.0, 2.0, 3.0, 4.0, 1000.0]) == 3.0                        # an outlier does not move it
-    assert jc.iqm([[1.0, 2.0, 3.0, 4.0], [5.0, 5.0, 5.0, 9.0]]).tolist() == [2.5, 5.0]   # per row (bootstrap)
-
-
-def test_probability_of_improvement_is_the_share_of_winning_pairs():
-    x = np.array([1.0, 2.0, 3.0, 4.0])
-    assert jc.probability_of_improvement(x, x) == 0.5                        # identical samples: a coin toss
-    assert jc.probability_of_improvement(x + 10, x) == 1.0                   # X dominates Y
-    assert jc.probability_of_improvement(x, x + 10) == 0.0
-    assert jc.probability_of_improvement([2.0], [1.0, 2.0, 3.0]) == 0.5     # one win, one tie, one loss
-
-
-def test_bootstrap_interval_contains_its_point_estimate_and_is_reproducible():
-    values = np.random.default_rng(0).normal(100, 30, 10)
-    point, low, high = jc.bootstrap_interval(jc.iqm, values)
-    assert low <= point <= high and high - low > 1
-    assert (point, low, high) == jc.bootstrap_interval(jc.iqm, values)      # a fixed generator seed
-    a, b = values + 60, values
-    p, p_low, p_high = jc.bootstrap_interval(jc.probability_of_improvement, a, b)
-    assert p_low <= p <= p_high and p_low > 0.5                              # a clear difference is resolved
-
-
-def test_comparisons_resolve_only_what_the_interval_resolves():
-    rng = np.random.default_rng(1)
-    curves = lambda level: {"return": rng.normal(level, 20, (10, 5)), "seeds": list(range(10))}
-    rows = jc.comparisons({2: curves(300), 1: curves(100), 3: curves(101)}, [(2, 1), (1, 3)])
-    verdicts = {(r["x"], r["y"], r["measure"]): r["verdict"] for r in rows}
-    assert verdicts[2, 1, "final"] == "2 better"
-    assert verdicts[1, 3, "final"] == "not resolved at n = 10"
-    assert all(r["seeds_needed"] for r in rows if r["x"] == 1)               # a power estimate where unresolved
-    one_seed = {2: {"return": np.array([[1.0, 300.0]]), "seeds": [1]}, 1: {"return": np.array([[1.0, 100.0]]),
-                                                                           "seeds": [1]}}
-    rows = jc.comparisons(one_seed, [(2, 1)])    # one seed: the bootstrap interval is a point, nothing is resolved
-    assert [(r["seeds_needed"], r["verdict"]) for r in rows] == [("", "not resolved at n = 1")] * 2
-
-
-def test_collapse_dynamics_follow_the_written_criterion():
-    """Collapsed: effective rank below 1.5 in at least 90% of the updates after the first 10k steps."""
-    grid = np.arange(512, 100_352 + 1, 512)
-    stays = np.where(grid < 5_000, 8.0, 1.1)                                   # collapses early and stays
-    escapes = np.where((grid > 3_000) & (grid < 40_000), 1.1, 6.0)          # collapses, then escapes
-    never = np.full(len(grid), 12.0)
-    assert jc.collapse_dynamics(grid, stays) == (1.0, True, "never")
-    share, collapsed, escape = jc.collapse_dynamics(grid, escapes)
-    assert not collapsed and 0.2 < share < 0.4 and escape == grid[grid < 40_000][-1] + 512
-    assert jc.collapse_dynamics(grid, never) == (0.0, False, "-")
-
 
 def test_on_policy_probe_fits_on_some_envs_and_scores_on_the_others():
     """On the states the agent visits, split by env: a linear embedding of the state reads R^2 ~ 1, a constant
@@ -1090,6 +938,7 @@ def test_on_policy_probe_fits_on_some_envs_and_scores_on_the_others():
     assert max(constant.values()) < 0.01
     assert all(math.isnan(v) for v in jc.onpolicy_probe_r2(StateInPixels(), [(windows[:, :1], states[:, :1])],
                                                            "cpu").values())
+
 
 
 # ---------------------------------------------------------------------------------------------- same numbers
@@ -1169,7 +1018,7 @@ def fingerprint(run):
 
 
 def this_cpu():
-    cpu = jc.cpu_model()
+    cpu = jc.machine()
     return cpu["cpu_vendor"], cpu["cpu_model"], cpu["cpu_family_model_stepping"], torch.__version__
 
 
@@ -1197,8 +1046,282 @@ def test_a_default_run_gives_the_numbers_it_gave_when_the_guard_was_made_bit_for
     assert fingerprint(guard_run) == FINGERPRINTS[this_cpu()]
 
 
+
+def test_stop_after_gives_the_first_part_of_the_longer_run_exactly(tmp_path):
+    """--stop-after S ends a run after S steps on the --total-steps run's learning-rate schedule: its logs are the
+    first rows of the full run, bit for bit (so a lab's short run is the start of Figure 3's, not a run of its own)."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    jc.main([*TINY, "--total-steps", "256", "--out", str(full)])
+    jc.main([*TINY, "--total-steps", "256", "--stop-after", "128", "--out", str(part)])
+    drop_sps = lambda rows: [{k: v for k, v in r.items() if k != "sps"} for r in rows]
+    full_rows, part_rows = read_rows(full / "updates.csv")[1], read_rows(part / "updates.csv")[1]
+    assert len(full_rows) == 4 and len(part_rows) == 2
+    # the last update of the short run also probes (its "last"), the full run's second update does not
+    probes = [c for c in jc.UPDATE_COLUMNS if "_r2_" in c]
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in probes} for r in rows]
+    assert strip(drop_sps(part_rows)) == strip(drop_sps(full_rows[:2]))
+    assert float(part_rows[1]["learning_rate"]) == float(full_rows[1]["learning_rate"]) > 0   # not annealed to 0
+    episodes = lambda run: np.loadtxt(run / "episodes.csv", delimiter=",", skiprows=1, ndmin=2)
+    full_episodes, part_episodes = episodes(full), episodes(part)
+    assert np.array_equal(part_episodes, full_episodes[full_episodes[:, 0] <= 128])
+
+
+# ######################################################################################################
+# Part 3: the harness, plots/experiments.py
+# ######################################################################################################
+
+# ---------------------------------------------------------------------------------------------- its input
+HARNESS_CASES = [
+    (["eval", "{tmp}/missing"], "missing"),
+    (["eval", "{tmp}/no-model"], "no-model"),                # has config.json, no model.pt
+    (["gif", "{tmp}/no-model"], "no-model"),
+    (["inspect", "{tmp}/no-model"], "no-model"),
+    (["eval", "{tmp}/no-model", "--episodes", "0"], "no-model"),
+    (["nonsense"], "usage"),                                 # not a subcommand
+    (["plot", "--sweep-dir", "{tmp}/empty-sweep"], "no finished run"),
+    (["collapse", "--weight-decay", "0.1"], "--weight-decay"),   # `collapse` sets its own setting
+    (["collapse", "--reg-coef", "5"], "--reg-coef"),              # and its arms' own changes
+    (["exercises", "--no-jepa"], "--no-jepa"),                    # the exercises run the README's commands as written
+    (["exercises", "--total-steps", "1000"], "--total-steps"),
+    (["plot", "--plots-dir", "{tmp}/a-file"], "--plots-dir"),
+    (["figure3", "--sweep-dir", "{tmp}/a-file"], "--sweep-dir"),
+    (["figure3", "--seeds", "0"], "--seeds"),
+    (["figure3", "--workers", "0"], "--workers"),
+    (["figure3", "--ema-tau", "2"], "--ema-tau"),                 # the method's flags are checked as a run checks them
+    (["state-reference", "--total-steps", "200"], "8 envs x 32 steps = 256"),   # its own rollout, not 512
+    (["state-reference", "--out", "{tmp}/a-file"], "--out"),
+]
+
+
+@pytest.mark.parametrize("argv, named", HARNESS_CASES, ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_the_harness_refuses_bad_input_naming_it_and_writes_nothing(argv, named, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "no-model").mkdir()
+    (tmp_path / "no-model" / "config.json").write_text("{}")
+    (tmp_path / "empty-sweep").mkdir()
+    (tmp_path / "a-file").write_text("not a folder")
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(SystemExit) as exit_info:
+        ex.parse_harness_args([a.format(tmp=tmp_path) for a in argv])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and named in err, err
+    assert "Traceback" not in err
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_the_state_reference_checks_its_own_rollout_size():
+    """The state reference collects 8 envs x 32 steps = 256 transitions per rollout, the pixel agent 512."""
+    assert ex.parse_harness_args(["state-reference", "--total-steps", "300", "--out", "never"]).total_steps == 300
+
+
+def test_the_renderer_check_finds_our_frames_close_to_gymnasiums():
+    difference, (ours, theirs) = ex.check_renderer(H, W, num_envs=4)
+    assert 0 <= difference < 255 and 0 < ours < theirs                 # close, and ours is the faster
+
+
+def test_plot_without_finished_runs_leaves_the_plots_byte_identical(tmp_path):
+    plots = tmp_path / "plots"
+    repo_plots = SCRIPT.with_name("plots")
+    if repo_plots.is_dir():
+        shutil.copytree(repo_plots, plots)
+    else:
+        plots.mkdir()
+    (plots / "figure3.png").write_bytes(b"\x89PNG not really")
+    (plots / "figure3_summary.csv").write_text("config,seeds\n1,5\n")
+    before = {p: p.read_bytes() for p in plots.rglob("*") if p.is_file()}      # plots/runs too
+    (tmp_path / "empty").mkdir()
+    result = run_harness("plot", "--sweep-dir", str(tmp_path / "empty"), "--plots-dir", str(plots), cwd=tmp_path)
+    assert result.returncode == 2 and "no finished run" in result.stderr and "Traceback" not in result.stderr
+    assert {p: p.read_bytes() for p in plots.rglob("*") if p.is_file()} == before
+
+
+
+# ---------------------------------------------------------------------------------------------- a trained agent
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A tiny run trained in this process, with its networks as they were at the end of training."""
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    args = jc.parse_args([*TINY, "--out", str(out)])
+    log = jc.RunLog(args)
+    summary, nets = jc.train(args, render=log.render, log=log)
+    return out, nets
+
+
+def test_checkpoint_round_trip_gives_identical_actions(tiny_run):
+    out, nets = tiny_run
+    run_args, loaded = ex.load_run(out)
+    assert set(loaded) == set(nets) and run_args.depth == 1
+    windows = random_windows(10)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded["actor"](loaded["x_encoder"](windows)),
+                                   nets["actor"](nets["x_encoder"](windows)))
+        torch.testing.assert_close(loaded["y_encoder"](windows), nets["y_encoder"](windows))
+    assert (ex.greedy_actions(loaded["x_encoder"], loaded["actor"], windows)
+            == ex.greedy_actions(nets["x_encoder"], nets["actor"], windows)).all()
+
+
+def test_eval_and_gif_run_on_a_trained_run(tiny_run, tmp_path):
+    out, _ = tiny_run
+    result = run_harness("eval", str(out), "--episodes", "3", cwd=tmp_path)
+    assert result.returncode == 0 and "greedy return over 3 episodes" in result.stdout, result.stderr
+    result = run_harness("gif", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (out / "agent.gif").read_bytes()[:6] == b"GIF89a"              # in the run's folder, not plots/
+
+
+def test_inspect_reports_both_probes_and_the_parts_of_the_jepa_loss(tiny_run, capsys):
+    out, _ = tiny_run
+    ex.main(["inspect", str(out)])
+    report = json.loads((out / "inspect.json").read_text())
+    assert {f"{kind}_r2_{name}" for kind in ("probe", "onpolicy") for name in jc.STATE_NAMES} <= set(report)
+    assert report["windows"] == jc.ONPOLICY_ROLLOUTS * 16 * 4                 # 4 rollouts of 4 envs x 16 steps
+    assert 0 <= report["jepa_loss_mean_part"] <= report["jepa_loss"] + 1e-6   # a part of the whole
+    assert report["jepa_loss_action_floor"] >= 0 and "inspect.json" in capsys.readouterr().out
+
+
+
+def readme_exercise_commands():
+    """Every command of the README's exercises, in order."""
+    text = SCRIPT.with_name("README.md").read_text()
+    section = text[text.index("\n## Exercises"):]
+    section = section[:section.index("\n## ", 5)]
+    return [line.strip() for line in section.splitlines() if line.strip().startswith("python ")]
+
+
+def test_every_exercise_command_runs_in_miniature(tmp_path, monkeypatch, capsys):
+    """The README's exercises stay true to the flags: each command runs, shortened to 2 tiny updates."""
+    commands = readme_exercise_commands()
+    assert len(commands) >= 8
+    monkeypatch.chdir(tmp_path)
+    for command in commands:
+        script, *argv = shlex.split(command)[1:]
+        if script == "plots/experiments.py":
+            ex.main(argv)
+        else:
+            jc.main([*argv, *TINY, "--overwrite"])
+        assert "error" not in capsys.readouterr().err
+
+
+def test_readme_exercise_commands_are_the_exercises_sweeps_runs(tmp_path, monkeypatch):
+    """Each training command of the README's exercises is one run of --exercises, with the same settings, and each
+    run of --exercises has its command: the sweep remakes what the README quotes."""
+    monkeypatch.chdir(tmp_path)
+    sweep_args, named = ex.parse_harness_args(["exercises"]), set()
+    for argv in (shlex.split(c)[1:] for c in readme_exercise_commands()):
+        if argv[0] != "jepa_cartpole.py":
+            continue
+        args = jc.parse_args(argv[1:])
+        name = args.out.name.rsplit("-seed", 1)[0]
+        job = ex.sweep_job(sweep_args, "exercises", name, args.seed)
+        assert args.seed == ex.EXERCISE_SEED and args.out.parent == Path("runs/ex")
+        assert {k: getattr(args, k) for k in ex.METHOD_FLAGS} == {k: getattr(job, k) for k in ex.METHOD_FLAGS}, name
+        named.add(name)
+    assert named == set(ex.EXERCISES)
+
+
+def test_exercises_sweep_inspects_each_run_and_tabulates_it(tmp_path, monkeypatch):
+    """--exercises: each run is trained, then inspected while its weights are there; the table has a row per run."""
+    tiny = {"total_steps": 128, "num_envs": 4, "num_steps": 16, "num_minibatches": 2, "update_epochs": 1, "depth": 1}
+    monkeypatch.setattr(ex, "EXERCISES", {"tiny": tiny, "tiny-std": {**tiny, "reg": True, "reg_form": "std"}})
+    flags = ["exercises", "--seeds", "1", "--sweep-dir", str(tmp_path / "sweep"), "--plots-dir", str(tmp_path)]
+    ex.main(flags)
+    with open(tmp_path / "exercises_summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["run"], r["seed"]) for r in rows] == [("tiny", "400"), ("tiny-std", "400")]
+    assert all(r["steps"] == "128" and r["inspect_onpolicy_r2_theta"] for r in rows)
+    assert json.loads((tmp_path / "sweep/exercises/tiny-std-seed400/config.json").read_text())["reg_form"] == "std"
+    (tmp_path / "sweep/exercises/tiny-seed400/inspect.json").unlink()     # as if stopped between training and --inspect
+    ex.main(flags)                                                        # nothing to train: the inspection is redone
+    assert (tmp_path / "sweep/exercises/tiny-seed400/inspect.json").exists()
+
+
+
+# ---------------------------------------------------------------------------------------------- sweeps
+def test_figure3_sweep_is_resumable_and_writes_its_plots(tmp_path):
+    sweep, plots = tmp_path / "sweep", tmp_path / "plots"
+    flags = ["figure3", "--seeds", "1", "--sweep-dir", str(sweep), "--plots-dir", str(plots), *TINY_METHOD]
+    first = run_harness(*flags, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    runs = sweep / "figure3"
+    for name in ("nojepa-rlgrad-noreg", "jepa-rlgrad-noreg", "jepa-norlgrad-noreg", "jepa-norlgrad-reg"):
+        for file in ("updates.csv", "episodes.csv", "config.json", "summary.json", "model.pt"):
+            assert (runs / f"{name}-seed1" / file).is_file(), (name, file)
+    for file in ("episodes.csv", "updates.csv", "config.json", "summary.json"):
+        assert (runs / "state-seed1" / file).is_file(), ("state reference", file)
+    for name in ("figure3.png", "figure3_summary.csv", "figure3_curves.csv", "probe.png", "observation.png"):
+        assert (plots / name).exists(), name
+    columns, rows = read_rows(plots / "figure3_summary.csv")
+    assert [r["config"] for r in rows] == ["1", "2", "3", "4", "state"]
+    assert {"config", "seeds", "return_mean", "return_std", "collapsed_seeds", "final_var",
+            "wall_s_per_run"} <= set(columns)
+    kept = (runs / "jepa-rlgrad-noreg-seed1" / "episodes.csv").read_text()
+    redo = runs / "jepa-norlgrad-reg-seed1"
+    redone_before = (redo / "episodes.csv").read_text()
+    (redo / "summary.json").unlink()                                    # as if killed before the end
+    again = run_harness(*flags, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "4/5 runs already finished" in again.stdout                  # only the unfinished run is redone
+    assert (runs / "jepa-rlgrad-noreg-seed1" / "episodes.csv").read_text() == kept
+    assert (redo / "summary.json").exists()
+    assert (redo / "episodes.csv").read_text() == redone_before         # and redone identically (same seed)
+
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+def test_iqm_is_the_mean_of_the_middle_half():
+    """rliable's interquartile mean: drop the lowest and highest 25% of the runs, average the rest."""
+    assert ex.iqm(np.arange(10.0)) == np.mean([2, 3, 4, 5, 6, 7])            # 10 runs: 2 cut from each end
+    assert ex.iqm([1.0, 2.0, 3.0, 4.0, 1000.0]) == 3.0                        # an outlier does not move it
+    assert ex.iqm([[1.0, 2.0, 3.0, 4.0], [5.0, 5.0, 5.0, 9.0]]).tolist() == [2.5, 5.0]   # per row (bootstrap)
+
+
+def test_probability_of_improvement_is_the_share_of_winning_pairs():
+    x = np.array([1.0, 2.0, 3.0, 4.0])
+    assert ex.probability_of_improvement(x, x) == 0.5                        # identical samples: a coin toss
+    assert ex.probability_of_improvement(x + 10, x) == 1.0                   # X dominates Y
+    assert ex.probability_of_improvement(x, x + 10) == 0.0
+    assert ex.probability_of_improvement([2.0], [1.0, 2.0, 3.0]) == 0.5     # one win, one tie, one loss
+
+
+def test_bootstrap_interval_contains_its_point_estimate_and_is_reproducible():
+    values = np.random.default_rng(0).normal(100, 30, 10)
+    point, low, high = ex.bootstrap_interval(ex.iqm, values)
+    assert low <= point <= high and high - low > 1
+    assert (point, low, high) == ex.bootstrap_interval(ex.iqm, values)      # a fixed generator seed
+    a, b = values + 60, values
+    p, p_low, p_high = ex.bootstrap_interval(ex.probability_of_improvement, a, b)
+    assert p_low <= p <= p_high and p_low > 0.5                              # a clear difference is resolved
+
+
+def test_comparisons_resolve_only_what_the_interval_resolves():
+    rng = np.random.default_rng(1)
+    curves = lambda level: {"return": rng.normal(level, 20, (10, 5)), "seeds": list(range(10))}
+    rows = ex.comparisons({2: curves(300), 1: curves(100), 3: curves(101)}, [(2, 1), (1, 3)])
+    verdicts = {(r["x"], r["y"], r["measure"]): r["verdict"] for r in rows}
+    assert verdicts[2, 1, "final"] == "2 better"
+    assert verdicts[1, 3, "final"] == "not resolved at n = 10"
+    assert all(r["seeds_needed"] for r in rows if r["x"] == 1)               # a power estimate where unresolved
+    one_seed = {2: {"return": np.array([[1.0, 300.0]]), "seeds": [1]}, 1: {"return": np.array([[1.0, 100.0]]),
+                                                                           "seeds": [1]}}
+    rows = ex.comparisons(one_seed, [(2, 1)])    # one seed: the bootstrap interval is a point, nothing is resolved
+    assert [(r["seeds_needed"], r["verdict"]) for r in rows] == [("", "not resolved at n = 1")] * 2
+
+
+def test_collapse_dynamics_follow_the_written_criterion():
+    """Collapsed: effective rank below 1.5 in at least 90% of the updates after the first 10k steps."""
+    grid = np.arange(512, 100_352 + 1, 512)
+    stays = np.where(grid < 5_000, 8.0, 1.1)                                   # collapses early and stays
+    escapes = np.where((grid > 3_000) & (grid < 40_000), 1.1, 6.0)          # collapses, then escapes
+    never = np.full(len(grid), 12.0)
+    assert ex.collapse_dynamics(grid, stays) == (1.0, True, "never")
+    share, collapsed, escape = ex.collapse_dynamics(grid, escapes)
+    assert not collapsed and 0.2 < share < 0.4 and escape == grid[grid < 40_000][-1] + 512
+    assert ex.collapse_dynamics(grid, never) == (0.0, False, "-")
+
+
+
 # ---------------------------------------------------------------------------------------------- sweeps that survive
-SWEEP_FLAGS = ["--collapse", "--seeds", "1", *TINY]
+SWEEP_FLAGS = ["collapse", "--seeds", "1", *TINY_METHOD]
 
 
 @pytest.fixture(scope="module")
@@ -1209,13 +1332,13 @@ def contested_sweep(tmp_path_factory):
     root = tmp_path_factory.mktemp("finished")
     sweep = root / "sweep"
     first = start_script(*SWEEP_FLAGS, "--sweep-dir", str(sweep), "--plots-dir", str(root / "plots"), cwd=root,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         script=HARNESS, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lock = sweep / "collapse" / "sweep.lock"
     deadline = time.time() + 60
     while not (lock.exists() and lock.read_text().strip()) and time.time() < deadline:
         time.sleep(0.1)
-    second = run_script(*SWEEP_FLAGS, "--sweep-dir", str(sweep), cwd=root)
-    jc.lock_sweep(root / "other" / "collapse").close()              # another folder's lock is free meanwhile
+    second = run_harness(*SWEEP_FLAGS, "--sweep-dir", str(sweep), cwd=root)
+    ex.lock_sweep(root / "other" / "collapse").close()              # another folder's lock is free meanwhile
     first_held_lock = first.poll() is None                          # the second tried while the first was running
     _, err = first.communicate(timeout=300)
     return SimpleNamespace(root=root, first=first, first_err=err, second=second, first_held_lock=first_held_lock)
@@ -1235,29 +1358,29 @@ def test_a_second_sweep_into_the_same_folder_is_refused_and_the_first_finishes(c
     assert f"{sweep / 'collapse'} is in use by another sweep (process {first.pid})" in second.stderr
     assert "Traceback" not in second.stderr
     assert first.returncode == 0, contested_sweep.first_err        # the first, undisturbed, finishes
-    assert len(jc.finished_runs(sweep / "collapse")) == len(jc.COLLAPSE_ARMS)
+    assert len(ex.finished_runs(sweep / "collapse")) == len(ex.COLLAPSE_ARMS)
 
 
 def test_collapse_sweep_writes_its_figure_and_one_row_per_arm(finished_sweep, tmp_path):
     plots = finished_sweep / "plots"
     assert (plots / "collapse.png").is_file()
     columns, rows = read_rows(plots / "collapse_summary.csv")
-    assert [r["arm"] for r in rows] == list(jc.COLLAPSE_ARMS)
+    assert [r["arm"] for r in rows] == list(ex.COLLAPSE_ARMS)
     assert {"seeds", "collapsed_seeds", "collapsed_share_iqm", "escape_step_per_seed", "final_iqm", "final_ci_low",
             "final_ci_high", "auc_iqm", "final_var", "final_effective_rank", "probe_r2_theta", "probe_r2_theta_dot",
             "return_mean"} <= set(columns)
     assert all(r["seeds"] == "1" for r in rows)
     _, pairs = read_rows(plots / "collapse_comparisons.csv")              # each remedy against JEPA alone
     assert [(r["x"], r["y"], r["measure"]) for r in pairs] == [
-        (arm, "JEPA only", measure) for arm in list(jc.COLLAPSE_ARMS)[1:] for measure in ("final", "auc")]
+        (arm, "JEPA only", measure) for arm in list(ex.COLLAPSE_ARMS)[1:] for measure in ("final", "auc")]
     config = json.loads((finished_sweep / "sweep" / "collapse" / "jepa-norlgrad-noreg-seed1" / "config.json").read_text())
-    assert all(config[k] == v for k, v in jc.COLLAPSE_SETTING.items())           # the collapse setting
+    assert all(config[k] == v for k, v in ex.COLLAPSE_SETTING.items())           # the collapse setting
     x100 = json.loads((finished_sweep / "sweep" / "collapse" / "jepa-norlgrad-reg-regcoef100-seed1" / "config.json")
                       .read_text())                                       # and the arm's own change on top of it
     assert x100["reg"] and x100["reg_coef"] == 100.0 and config["reg_coef"] == 1.0
-    assert all(x100[k] == v for k, v in jc.COLLAPSE_SETTING.items())
-    again = run_script("--plot", "--sweep-dir", str(finished_sweep / "sweep"), "--plots-dir", str(tmp_path), *TINY,
-                       cwd=tmp_path)                                      # --plot redraws it from the finished runs
+    assert all(x100[k] == v for k, v in ex.COLLAPSE_SETTING.items())
+    again = run_harness("plot", "--sweep-dir", str(finished_sweep / "sweep"), "--plots-dir", str(tmp_path),
+                        *TINY_METHOD, cwd=tmp_path)                       # `plot` redraws it from the finished runs
     assert again.returncode == 0, again.stderr
     assert (tmp_path / "collapse.png").is_file()
     assert (tmp_path / "collapse_summary.csv").read_text() == (plots / "collapse_summary.csv").read_text()
@@ -1269,15 +1392,15 @@ def test_a_sweep_killed_with_sigkill_resumes_to_the_summary_of_an_uninterrupted_
     flags = [*SWEEP_FLAGS, "--workers", "1"]                      # the fixture's sweep is the uninterrupted one
     sweep = tmp_path / "killed"
     victim = start_script(*flags, "--sweep-dir", str(sweep), "--plots-dir", str(tmp_path / "p2"), cwd=tmp_path,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                          script=HARNESS, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120
-    while not jc.finished_runs(sweep / "collapse") and time.time() < deadline:
+    while not ex.finished_runs(sweep / "collapse") and time.time() < deadline:
         time.sleep(0.05)
     os.killpg(victim.pid, signal.SIGKILL)                                  # the sweep and its worker, at once
     victim.wait()
-    assert len(jc.finished_runs(sweep / "collapse")) < len(jc.COLLAPSE_ARMS)
-    again = run_script(*SWEEP_FLAGS, "--workers", "2", "--sweep-dir", str(sweep), "--plots-dir", str(tmp_path / "p2"),
-                       cwd=tmp_path)                                       # the rerun may use more workers
+    assert len(ex.finished_runs(sweep / "collapse")) < len(ex.COLLAPSE_ARMS)
+    again = run_harness(*SWEEP_FLAGS, "--workers", "2", "--sweep-dir", str(sweep), "--plots-dir", str(tmp_path / "p2"),
+                        cwd=tmp_path)                                       # the rerun may use more workers
     assert again.returncode == 0, again.stderr
     drop_wall = lambda rows: [{k: v for k, v in r.items() if k != "wall_s_per_run"} for r in rows]
     assert drop_wall(read_rows(tmp_path / "p2" / "collapse_summary.csv")[1]) == \
@@ -1301,43 +1424,22 @@ def test_a_damaged_run_folder_gets_a_message_naming_the_file(damage, finished_sw
     run = sweep / "collapse" / "jepa-rlgrad-noreg-seed1"
     file, harm, words = DAMAGES[damage]
     harm(run / file)
-    for mode in ("--eval", "--gif"):                              # exit 2 and a message naming the file
+    for mode in ("eval", "gif"):                                  # exit 2 and a message naming the file
         with pytest.raises(SystemExit) as exit_info:
-            jc.main([mode, str(run)])
+            ex.main([mode, str(run)])
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and str(run / file) in err and words in err, err
-    if file != "model.pt":                                        # --plot skips the run and draws the others
-        jc.main(["--plot", "--sweep-dir", str(sweep), "--plots-dir", str(tmp_path / "plots"), *TINY])
+    if file != "model.pt":                                        # `plot` skips the run and draws the others
+        ex.main(["plot", "--sweep-dir", str(sweep), "--plots-dir", str(tmp_path / "plots"), *TINY_METHOD])
         out = capsys.readouterr().out
         assert "warning" in out and str(run / file) in out
         rows = read_rows(tmp_path / "plots" / "collapse_summary.csv")[1]
-        assert [r["arm"] for r in rows] == [arm for arm in jc.COLLAPSE_ARMS if arm != "JEPA + RL gradients"]
-    jc.main([*SWEEP_FLAGS, "--sweep-dir", str(sweep), "--plots-dir", str(tmp_path / "plots")])
-    arms = len(jc.COLLAPSE_ARMS)
+        assert [r["arm"] for r in rows] == [arm for arm in ex.COLLAPSE_ARMS if arm != "JEPA + RL gradients"]
+    ex.main([*SWEEP_FLAGS, "--sweep-dir", str(sweep), "--plots-dir", str(tmp_path / "plots")])
+    arms = len(ex.COLLAPSE_ARMS)
     assert f"{arms - 1}/{arms} runs already finished" in capsys.readouterr().out   # it redoes the damaged run
-    assert jc.check_run(run, need_model=True) is None
+    assert ex.check_run(run, need_model=True) is None
 
-
-def test_a_failed_write_stops_with_one_line_and_keeps_the_rows(tmp_path, monkeypatch, capsys):
-    """A disk that fills up mid-run: the third update's row cannot be written. One line names the folder and the
-    error, exit code 2, no traceback; the two rows already written still read whole."""
-    real_update = jc.RunLog.update
-    calls = []
-
-    def failing_update(self, *update_args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise OSError(28, "No space left on device")
-        return real_update(self, *update_args, **kwargs)
-
-    monkeypatch.setattr(jc.RunLog, "update", failing_update)
-    with pytest.raises(SystemExit) as exit_info:
-        jc.main([*TINY, "--total-steps", "256", "--out", str(tmp_path / "run")])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and "Traceback" not in err
-    assert err.strip().count("\n") == 0 and str(tmp_path / "run") in err and "No space left on device" in err
-    columns, rows = read_rows(tmp_path / "run" / "updates.csv")
-    assert columns == jc.UPDATE_COLUMNS and [int(r["step"]) for r in rows] == [64, 128]
 
 
 def test_printed_commands_make_the_runs_that_plot_collects(tmp_path, monkeypatch, capsys):
@@ -1345,18 +1447,19 @@ def test_printed_commands_make_the_runs_that_plot_collects(tmp_path, monkeypatch
     every finished run of the folder, whatever its seed."""
     sweep = tmp_path / "sweep"
     monkeypatch.chdir(tmp_path)
-    jc.main([*SWEEP_FLAGS, "--seeds", "2", "--sweep-dir", str(sweep), "--print-commands"])
+    ex.main([*SWEEP_FLAGS, "--seeds", "2", "--sweep-dir", str(sweep), "--print-commands"])
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 2 * len(jc.COLLAPSE_ARMS)                                # 2 seeds of every arm
+    assert len(lines) == 2 * len(ex.COLLAPSE_ARMS)                                # 2 seeds of every arm
     assert all(line.startswith("python jepa_cartpole.py ") for line in lines)
     assert all("--predictor-lr-scale" in line for line in lines)                 # the collapse setting travels
     train, inspect = lines[1].split(" && ")                                         # JEPA only, seed 2
-    for command in (train, inspect):
-        result = subprocess.run([sys.executable, str(SCRIPT), *shlex.split(command)[2:]], cwd=tmp_path,
+    assert inspect.startswith("python plots/experiments.py inspect ")
+    for command, script in ((train, SCRIPT), (inspect, HARNESS)):
+        result = subprocess.run([sys.executable, str(script), *shlex.split(command)[2:]], cwd=tmp_path,
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
-    jc.main([*SWEEP_FLAGS, "--seeds", "2", "--sweep-dir", str(sweep), "--print-commands"])
+    ex.main([*SWEEP_FLAGS, "--seeds", "2", "--sweep-dir", str(sweep), "--print-commands"])
     assert capsys.readouterr().out.strip().splitlines() == lines[:1] + lines[2:]   # only the unfinished ones remain
-    jc.main(["--plot", "--sweep-dir", str(sweep), "--plots-dir", str(tmp_path / "plots"), *TINY])
+    ex.main(["plot", "--sweep-dir", str(sweep), "--plots-dir", str(tmp_path / "plots"), *TINY_METHOD])
     rows = read_rows(tmp_path / "plots" / "collapse_summary.csv")[1]
     assert [(r["arm"], r["return_per_seed"].split(":")[0]) for r in rows] == [("JEPA only", "2")]
