@@ -1081,8 +1081,10 @@ HARNESS_CASES = [
     (["plot", "--sweep-dir", "{tmp}/empty-sweep"], "no finished run"),
     (["collapse", "--weight-decay", "0.1"], "--weight-decay"),   # `collapse` sets its own setting
     (["collapse", "--reg-coef", "5"], "--reg-coef"),              # and its arms' own changes
-    (["exercises", "--no-jepa"], "--no-jepa"),                    # the exercises run the README's commands as written
-    (["exercises", "--total-steps", "1000"], "--total-steps"),
+    (["lab", "--no-jepa"], "--no-jepa"),                          # the lab runs the README's commands as written
+    (["lab", "--total-steps", "1000"], "--total-steps"),
+    (["pool", "{tmp}/missing"], "missing"),
+    (["pool", "{tmp}/empty-sweep", "--out", "{tmp}/a-file"], "--out"),
     (["plot", "--plots-dir", "{tmp}/a-file"], "--plots-dir"),
     (["figure3", "--sweep-dir", "{tmp}/a-file"], "--sweep-dir"),
     (["figure3", "--seeds", "0"], "--seeds"),
@@ -1180,60 +1182,142 @@ def test_inspect_reports_both_probes_and_the_parts_of_the_jepa_loss(tiny_run, ca
 
 
 
-def readme_exercise_commands():
-    """Every command of the README's exercises, in order."""
-    text = SCRIPT.with_name("README.md").read_text()
-    section = text[text.index("\n## Exercises"):]
-    section = section[:section.index("\n## ", 5)]
-    return [line.strip() for line in section.splitlines() if line.strip().startswith("python ")]
+def readme_commands(readme="README.md", section=None):
+    """The commands (lines of code blocks that start with `python `) of a README, or of one of its sections."""
+    text = SCRIPT.with_name(readme).read_text() if readme == "README.md" else (SCRIPT.parent / readme).read_text()
+    if section:
+        text = text[text.index(f"\n## {section}"):]
+        text = text[:text.index("\n## ", 5)] if "\n## " in text[5:] else text
+    blocks = text.split("```")[1::2]                                        # inside code blocks only
+    return [line.strip() for block in blocks for line in block.splitlines() if line.strip().startswith("python ")]
 
 
-def test_every_exercise_command_runs_in_miniature(tmp_path, monkeypatch, capsys):
-    """The README's exercises stay true to the flags: each command runs, shortened to 2 tiny updates."""
-    commands = readme_exercise_commands()
-    assert len(commands) >= 8
+@pytest.mark.parametrize("readme", ["README.md", "plots/README.md"])
+def test_every_readme_command_parses_as_written(readme, tmp_path, monkeypatch):
+    """Every command in the two READMEs is one that the file or the harness accepts, flags and all."""
+    monkeypatch.chdir(tmp_path)
+    commands = readme_commands(readme)
+    assert len(commands) >= 5
+    for command in commands:
+        for part in command.split(" && "):
+            words = shlex.split(part.split(" #")[0])
+            assert words[0] == "python", command
+            if words[1] == "jepa_cartpole.py":
+                jc.parse_args([*words[2:], *(["--out", str(tmp_path / "run")] if "--out" not in words else [])])
+            elif words[1:3] == ["-m", "pytest"] or words[1] == "-m":
+                continue
+            else:
+                assert words[1] == "plots/experiments.py", command
+                harness = ex.build_harness_parser(words[2])                     # a subcommand that exists
+                harness.parse_args(words[3:])                                     # with flags that exist
+
+
+def test_every_lab_command_runs_in_miniature(tmp_path, monkeypatch, capsys):
+    """The README's lab stays true to the flags: each command runs, shortened to 2 tiny updates, and each
+    `inspect` draws the run's embedding picture."""
+    commands = readme_commands(section="A 90-minute lab")
+    assert len(commands) >= 12
     monkeypatch.chdir(tmp_path)
     for command in commands:
         script, *argv = shlex.split(command)[1:]
         if script == "plots/experiments.py":
+            assert argv[0] == "inspect", command
             ex.main(argv)
+            assert (Path(argv[1]) / "embedding.png").is_file()
         else:
-            jc.main([*argv, *TINY, "--overwrite"])
+            jc.main([*argv, *TINY, "--stop-after", "128", "--overwrite"])
         assert "error" not in capsys.readouterr().err
 
 
-def test_readme_exercise_commands_are_the_exercises_sweeps_runs(tmp_path, monkeypatch):
-    """Each training command of the README's exercises is one run of --exercises, with the same settings, and each
-    run of --exercises has its command: the sweep remakes what the README quotes."""
+def test_readme_lab_commands_are_the_lab_sweeps_runs(tmp_path, monkeypatch):
+    """Each training command of the README's lab is one run of `lab`, with the same settings, and each run of `lab`
+    has its command: the sweep remakes what the README quotes."""
     monkeypatch.chdir(tmp_path)
-    sweep_args, named = ex.parse_harness_args(["exercises"]), set()
-    for argv in (shlex.split(c)[1:] for c in readme_exercise_commands()):
+    sweep_args, named = ex.parse_harness_args(["lab"]), set()
+    for argv in (shlex.split(c)[1:] for c in readme_commands(section="A 90-minute lab")):
         if argv[0] != "jepa_cartpole.py":
             continue
         args = jc.parse_args(argv[1:])
         name = args.out.name.rsplit("-seed", 1)[0]
-        job = ex.sweep_job(sweep_args, "exercises", name, args.seed)
-        assert args.seed == ex.EXERCISE_SEED and args.out.parent == Path("runs/ex")
+        job = ex.sweep_job(sweep_args, "lab", name, args.seed)
+        assert args.seed == ex.LAB_SEED and args.out.parent == Path("runs/lab")
         assert {k: getattr(args, k) for k in ex.METHOD_FLAGS} == {k: getattr(job, k) for k in ex.METHOD_FLAGS}, name
         named.add(name)
-    assert named == set(ex.EXERCISES)
+    assert named == set(ex.LAB)
 
 
-def test_exercises_sweep_inspects_each_run_and_tabulates_it(tmp_path, monkeypatch):
-    """--exercises: each run is trained, then inspected while its weights are there; the table has a row per run."""
+def test_lab_sweep_inspects_each_run_and_tabulates_it(tmp_path, monkeypatch):
+    """`lab`: each run is trained, then inspected while its weights are there; the tables have a row per run, one
+    per lab run over its seeds, and one per comparison."""
     tiny = {"total_steps": 128, "num_envs": 4, "num_steps": 16, "num_minibatches": 2, "update_epochs": 1, "depth": 1}
-    monkeypatch.setattr(ex, "EXERCISES", {"tiny": tiny, "tiny-std": {**tiny, "reg": True, "reg_form": "std"}})
-    flags = ["exercises", "--seeds", "1", "--sweep-dir", str(tmp_path / "sweep"), "--plots-dir", str(tmp_path)]
+    monkeypatch.setattr(ex, "LAB", {"tiny": tiny, "tiny-std": {**tiny, "reg": True, "reg_form": "std"}})
+    monkeypatch.setattr(ex, "LAB_PAIRS", [("3", "tiny-std", "tiny", "var")])
+    flags = ["lab", "--seeds", "2", "--sweep-dir", str(tmp_path / "sweep"), "--plots-dir", str(tmp_path)]
     ex.main(flags)
-    with open(tmp_path / "exercises_summary.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert [(r["run"], r["seed"]) for r in rows] == [("tiny", "400"), ("tiny-std", "400")]
-    assert all(r["steps"] == "128" and r["inspect_onpolicy_r2_theta"] for r in rows)
-    assert json.loads((tmp_path / "sweep/exercises/tiny-std-seed400/config.json").read_text())["reg_form"] == "std"
-    (tmp_path / "sweep/exercises/tiny-seed400/inspect.json").unlink()     # as if stopped between training and --inspect
+    rows = read_rows(tmp_path / "lab_runs.csv")[1]
+    assert [(r["run"], r["seed"]) for r in rows] == [("tiny", "500"), ("tiny", "501"), ("tiny-std", "500"),
+                                                      ("tiny-std", "501")]
+    assert all(r["steps"] == "128" and r["onpolicy_r2_theta"] for r in rows)
+    assert [r["seeds"] for r in read_rows(tmp_path / "lab_summary.csv")[1]] == ["2", "2"]
+    (pair,) = read_rows(tmp_path / "lab_pairs.csv")[1]
+    assert pair["a_above_b"] in ("0 of 2", "1 of 2", "2 of 2") and pair["measure"] == "var"
+    assert json.loads((tmp_path / "sweep/lab/tiny-std-seed500/config.json").read_text())["reg_form"] == "std"
+    assert (tmp_path / "sweep/lab/tiny-seed500/embedding.png").is_file()
+    (tmp_path / "sweep/lab/tiny-seed500/inspect.json").unlink()           # as if stopped between training and inspect
     ex.main(flags)                                                        # nothing to train: the inspection is redone
-    assert (tmp_path / "sweep/exercises/tiny-seed400/inspect.json").exists()
+    assert (tmp_path / "sweep/lab/tiny-seed500/inspect.json").exists()
 
+
+def test_the_embedding_picture_keeps_one_scale_for_every_run(tiny_run, monkeypatch):
+    """inspect draws s_x on its two main directions with axes fixed in s_x's units: a collapsed cloud (every s_x
+    the same, but for a tiny jitter) stays a dot, as small as it is, instead of filling the picture."""
+    drawn = []
+    real_savefig = ex.pyplot().Figure.savefig
+
+    def record(fig, path, **kwargs):
+        ax = fig.axes[0]
+        drawn.append((ax.get_xlim(), ax.get_ylim(), ax.collections[0].get_offsets()))
+        return real_savefig(fig, path, **kwargs)
+
+    monkeypatch.setattr(ex.pyplot().Figure, "savefig", record)
+    out, _ = tiny_run
+    g = torch.Generator().manual_seed(0)
+    collapsed = torch.ones(200, D) + 1e-4 * torch.randn(200, D, generator=g)
+    spread = torch.randn(200, D, generator=g)
+    for s_x in (collapsed, spread):
+        ex.plot_embedding(out, s_x, torch.zeros(200), {"embedding_var": 0.0, "effective_rank": 1.0})
+    (x_lim, y_lim, dots), (x_lim2, y_lim2, cloud) = drawn
+    assert x_lim == x_lim2 == y_lim == y_lim2 == (-ex.EMBEDDING_AXIS, ex.EMBEDDING_AXIS)
+    assert np.abs(dots).max() < 0.01 * ex.EMBEDDING_AXIS < np.abs(cloud).max()
+
+
+def test_the_class_pools_its_runs_into_figure3(tmp_path, monkeypatch, capsys):
+    """Each student runs the four configurations on a seed with `class`; the teacher pools the folders, copied in any
+    layout, into Figure 3 with its IQM, intervals and P(2 > 1). Missing configurations are listed; runs of other
+    settings are refused, naming the flag."""
+    monkeypatch.chdir(tmp_path)
+    for seed in (3, 4):
+        ex.main(["class", "--seed", str(seed), "--sweep-dir", f"student{seed}", *TINY_METHOD])
+    collected = tmp_path / "collected"
+    shutil.copytree(tmp_path / "student3" / "class", collected / "alice" / "class")
+    for run in (tmp_path / "student4" / "class").iterdir():                       # another layout: flat, renamed
+        if run.is_dir() and not run.name.startswith("jepa-norlgrad-reg"):       # and one configuration missing
+            shutil.copytree(run, collected / f"bob-{run.name}")
+    capsys.readouterr()
+    ex.main(["pool", str(collected), "--out", str(tmp_path / "figure")])
+    out = capsys.readouterr().out
+    assert "seed 4 lacks configuration 4" in out and "seed 3 lacks" not in out
+    rows = read_rows(tmp_path / "figure" / "figure3_summary.csv")[1]
+    assert [(r["config"], r["seeds"]) for r in rows] == [("1", "2"), ("2", "2"), ("3", "2"), ("4", "1")]
+    pairs = read_rows(tmp_path / "figure" / "figure3_comparisons.csv")[1]
+    assert (pairs[0]["x"], pairs[0]["y"], pairs[0]["measure"]) == ("2", "1", "final") and pairs[0]["p_x_beats_y"]
+    assert (tmp_path / "figure" / "figure3.png").is_file() and (tmp_path / "figure" / "intervals.png").is_file()
+    other = collected / "carol"                                                  # a run made with other settings
+    jc.main([*TINY, "--ema-tau", "0.9", "--seed", "5", "--out", str(other)])
+    with pytest.raises(SystemExit) as refused:
+        ex.main(["pool", str(collected), "--out", str(tmp_path / "figure2")])
+    assert refused.value.code == 2 and "--ema-tau" in capsys.readouterr().err
+    assert not (tmp_path / "figure2").exists()
 
 
 # ---------------------------------------------------------------------------------------------- sweeps

@@ -8,7 +8,9 @@ train() through its two doors, `log` (jepa_cartpole.RunLog, which writes a run f
 Run from the repository's root, one subcommand per job:
     python plots/experiments.py figure3 --seeds 10     # Figure 3: 4 configurations + the state reference, then plot
     python plots/experiments.py collapse --seeds 10    # the collapse demonstration, then plot
-    python plots/experiments.py exercises --seeds 5    # the lab's runs (README: Exercises), then plot
+    python plots/experiments.py lab --seeds 5          # the lab's runs (README: A 90-minute lab), then plot
+    python plots/experiments.py class --seed 7         # a student's share of the class's Figure 3: 4 runs of 100k
+    python plots/experiments.py pool FOLDER...         # the class's runs, in any layout, pooled into Figure 3
     python plots/experiments.py plot                   # every figure and table from the finished runs
     python plots/experiments.py inspect RUN            # what RUN's encoder knows where its agent goes: inspect.json
     python plots/experiments.py eval RUN               # RUN's agent, greedy, over 20 episodes
@@ -43,7 +45,7 @@ import jepa_cartpole as jc  # noqa: E402
 
 DEFAULTS = {a.dest: a.default for a in jc.build_parser()._actions if a.dest != "help"}
 
-# ---- 1. The sweeps' runs: Figure 3, the collapse demonstration, the lab's exercises ------------------------------
+# ---- 1. The sweeps' runs: Figure 3, the collapse demonstration, the lab, the class -------------------------------
 FIGURE3_CONFIGS = {  # paper number: (jepa, rl_grad, reg, label)
     1: (False, True, False, "1: no JEPA, RL gradients (baseline)"),
     2: (True, True, False, "2: JEPA + RL gradients"),
@@ -61,20 +63,30 @@ COLLAPSE_ARMS = {  # name: (jepa, rl_grad, reg, what else the arm changes)
     # Choosing the regulariser's weight).
     "JEPA + regulariser x100": (True, False, True, {"reg_coef": 100.0}),
 }
-# The lab's runs (README: Exercises for a lab): each run's flags where they differ from the defaults, as the README's
-# commands give them. `exercises` runs them on --seeds seeds from EXERCISE_SEED (no figure or tuning uses seeds 400
-# upward), then `inspect` on each: one command remakes every number the README's answers quote.
-EXERCISE_SEED = 400
-STEPS_30K, COLLAPSED_SETUP = {"total_steps": 30_000}, {"total_steps": 30_000, "rl_grad": False, **COLLAPSE_SETTING}
-EXERCISES = {"worked": {"total_steps": 8192},                                                       # exercise 0
-             "config2": STEPS_30K, "config3": {**STEPS_30K, "rl_grad": False},                      # 1 (and 2 to 4, 7)
-             "noframe": {**STEPS_30K, "frame_index": False},                                        # 2
-             "config3-tau0": {**STEPS_30K, "rl_grad": False, "ema_tau": 0.0},                       # 3
-             "config3-tau1": {**STEPS_30K, "rl_grad": False, "ema_tau": 1.0},
-             "collapse": COLLAPSED_SETUP, "collapse-nonorm": {**COLLAPSED_SETUP, "final_norm": False},  # 5, 6
-             "hires": {**STEPS_30K, "image_height": 32, "image_width": 128},                        # 7
-             "collapse-reg": {**COLLAPSED_SETUP, "reg": True},                                      # 8
-             "collapse-regstd": {**COLLAPSED_SETUP, "reg": True, "reg_form": "std"}}
+# The lab's runs (README: A 90-minute lab): each run's flags where they differ from the defaults, as the README's
+# commands give them. All stop at 30k steps on the 100k-step run's learning-rate schedule (--stop-after), so each is
+# the start of the run Figure 3 makes. `lab` runs them on --seeds seeds from LAB_SEED (no figure or tuning uses seeds
+# 500 to 599), then `inspect` on each: one command remakes every number the README's answers quote.
+LAB_SEED, LAB_STEPS = 500, {"stop_after": 30_000}
+IN_COLLAPSE_SETTING = {**LAB_STEPS, **COLLAPSE_SETTING, "rl_grad": False}          # JEPA only, slow predictor
+LAB = {"worked": {"stop_after": 8192},                                                  # a worked example
+       "config2": LAB_STEPS, "config1": {**LAB_STEPS, "jepa": False},                   # lesson 1
+       "config3": {**LAB_STEPS, "rl_grad": False}, "collapse": IN_COLLAPSE_SETTING,     # lesson 2
+       "collapse-rlgrad": {**IN_COLLAPSE_SETTING, "rl_grad": True},
+       "collapse-reg": {**IN_COLLAPSE_SETTING, "reg": True},                            # lesson 3
+       "collapse-reg100": {**IN_COLLAPSE_SETTING, "reg": True, "reg_coef": 100.0},
+       "collapse-regstd": {**IN_COLLAPSE_SETTING, "reg": True, "reg_form": "std"},
+       **{f"collapse-tau{tau:g}": {**IN_COLLAPSE_SETTING, "fresh_targets": True, "ema_tau": tau}   # lesson 4
+          for tau in (0.0, 0.99, 1.0)},
+       "noframe": {**LAB_STEPS, "frame_index": False},                                  # the extras
+       "collapse-nonorm": {**IN_COLLAPSE_SETTING, "final_norm": False},
+       "hires": {**LAB_STEPS, "image_height": 32, "image_width": 128}}
+# The lab's comparisons, each (lesson, run A, run B, measure): the README counts the seeds on which A's measure at
+# 30k is above B's. return: the running-average return; rank: the effective rank; var: the embedding variance.
+LAB_PAIRS = [("1", "config2", "config1", "return"), ("2", "config2", "config3", "return"),
+             ("2", "collapse-rlgrad", "collapse", "rank"), ("3", "collapse-reg100", "collapse-reg", "rank"),
+             ("3", "collapse-regstd", "collapse-reg", "var"), ("4", "collapse-tau1", "collapse-tau0.99", "rank"),
+             ("4", "collapse-tau0", "collapse-tau0.99", "rank")]
 
 
 # The collapse criterion, fixed before the runs that test it (plots/README.md: collapse): a run is COLLAPSED when the
@@ -313,11 +325,13 @@ def check_same_settings(out, job):
 
 def sweep_groups(kind):
     """{group: its runs' folder name without the seed}: Figure 3's configurations and the reference, the collapse
-    demonstration's arms, or the exercises' runs."""
+    demonstration's arms, the lab's runs, or the class's four configurations."""
     if kind == "figure3":
         return {**{c: jc.run_name(j, g, r) for c, (j, g, r, _) in FIGURE3_CONFIGS.items()}, "state": "state"}
-    if kind == "exercises":
-        return {name: name for name in EXERCISES}
+    if kind == "lab":
+        return {name: name for name in LAB}
+    if kind == "class":
+        return {c: jc.run_name(j, g, r) for c, (j, g, r, _) in FIGURE3_CONFIGS.items()}
     return {arm: jc.run_name(j, g, r) + "".join(f"-{k.replace('_', '')}{v:g}" for k, v in changes.items())
             for arm, (j, g, r, changes) in COLLAPSE_ARMS.items()}              # e.g. jepa-norlgrad-reg-regcoef100
 
@@ -340,15 +354,15 @@ def sweep_job(args, kind, group, seed):
     """One run of a sweep: the flags of `python jepa_cartpole.py` that make it, parsed as that command parses them
     (so a run made by the sweep and one made by its printed command have the same config.json). For a Figure 3
     run the sweep's method flags with the configuration's switches; for the collapse demonstration also its setting;
-    for the exercises Part 1's defaults with the exercise's flags, whatever the sweep's flags are."""
+    for the lab Part 1's defaults with the run's flags, whatever the sweep's flags are."""
     out = args.sweep_dir / kind / f"{sweep_groups(kind)[group]}-seed{seed}"
     if group == "state":
         return argparse.Namespace(state_reference=True, seed=seed, total_steps=args.total_steps, window=args.window,
                                   out=out)
-    if kind == "exercises":
-        settings = {**DEFAULTS, "device": args.device, **EXERCISES[group]}
+    if kind == "lab":
+        settings = {**DEFAULTS, "device": args.device, **LAB[group]}
     else:
-        j, g, r, changes = (*FIGURE3_CONFIGS[group][:3], {}) if kind == "figure3" else COLLAPSE_ARMS[group]
+        j, g, r, changes = COLLAPSE_ARMS[group] if kind == "collapse" else (*FIGURE3_CONFIGS[group][:3], {})
         setting = {**COLLAPSE_SETTING, **changes} if kind == "collapse" else {}
         settings = {**{k: getattr(args, k) for k in METHOD_FLAGS}, **setting, "jepa": j, "rl_grad": g, "reg": r}
     window = ["--window", str(args.window)] if args.window != 20 else []
@@ -419,11 +433,19 @@ def lock_sweep(folder):
     return handle                                          # open for the sweep's life: the lock is held
 
 
+def sweep_seeds(args, kind):
+    """The seeds of a sweep: --seeds of them from 1 (Figure 3, collapse) or LAB_SEED (the lab); a class run's one."""
+    if kind == "class":
+        return [args.seed]
+    first = LAB_SEED if kind == "lab" else 1
+    return list(range(first, first + args.seeds))
+
+
 def unfinished_jobs(args, kind):
     """The sweep's runs still to do: not finished, or finished but damaged (redone, with a warning)."""
-    jobs, first = [], EXERCISE_SEED if kind == "exercises" else 1
+    jobs = []
     for group in sweep_groups(kind):
-        for job in (sweep_job(args, kind, group, seed) for seed in range(first, first + args.seeds)):
+        for job in (sweep_job(args, kind, group, seed) for seed in sweep_seeds(args, kind)):
             if (job.out / "summary.json").exists():
                 weights = (job.out / "model.pt").exists()          # committed runs keep no weights
                 if (problem := check_run(job.out, need_model=weights)) is None:
@@ -444,7 +466,7 @@ def run_sweep(args, kind):
     for run in finished_runs(args.sweep_dir / kind):      # trained, but stopped before its --inspect: inspect it now
         if (run / "model.pt").exists() and not (run / "inspect.json").exists() and not run.name.startswith("state-"):
             inspect_run(run)
-    total = len(sweep_groups(kind)) * args.seeds
+    total = len(sweep_groups(kind)) * len(sweep_seeds(args, kind))
     steps_per_run = [planned_steps(job) for job in jobs]
     print(f"{kind}: {total - len(jobs)}/{total} runs already finished in {args.sweep_dir / kind}; running "
           f"{len(jobs)} with {args.workers} workers (progress: console.log in each run folder)")
@@ -482,7 +504,10 @@ def run_sweep(args, kind):
         (args.sweep_dir / kind / "sweep.json").write_text(json.dumps(
             {"runs": len(jobs), "wall_s": time.time() - start, "steps": sum(steps_per_run),
              "aggregate_sps": sum(steps_per_run) / (time.time() - start), "workers": args.workers}, indent=2))
-    plot(args)
+    if kind == "class":                                    # the class's runs are pooled, not plotted one by one
+        print(f"done: your runs are in {args.sweep_dir / kind}; give that folder to your teacher for `pool`")
+    else:
+        plot(args)
     lock.close()
     if failed:
         fail(f"{len(failed)} run(s) failed; the others are kept:\n" + "\n".join(failed))
@@ -569,7 +594,7 @@ def comparisons(sweep, pairs):
     return rows
 
 
-# ---- 6. Figures and tables: Figure 3, the collapse figure, the exercises' table ----------------------------------
+# ---- 6. Figures and tables: Figure 3, the collapse figure, the lab's tables -------------------------------------
 def running_average_curve(episodes, grid, window):
     """Mean return of the last `window` episodes finished by each step of `grid` (NaN before the first)."""
     steps, returns = episodes[:, 0], episodes[:, 1]
@@ -685,32 +710,62 @@ def summary_row(runs, grid):
     return row
 
 
-def write_exercise_table(args):
-    """plots/exercises_summary.csv: one row per finished run of the lab (whatever its seed), with what the README's
-    answers quote: first, lowest and last values of the return, the JEPA loss, the variance and the effective rank;
-    the collapse criterion; both probes in the last update and --inspect's report."""
+def lab_rows(args):
+    """One row per finished run of the lab (whatever its seed): its numbers at its last update, the collapse
+    criterion over its own updates, `inspect`'s report and its time."""
     rows = []
-    for name in EXERCISES:
-        for seed, run in group_runs(args, "exercises", name):
+    for name in LAB:
+        for seed, run in group_runs(args, "lab", name):
             u, summary = read_csv(run / "updates.csv"), json.loads((run / "summary.json").read_text())
-            row, low = {"run": name, "seed": seed, "steps": int(u["step"][-1])}, u["effective_rank"] < COLLAPSED_RANK
-            for column in ("mean_return", "jepa_loss", "embedding_var", "effective_rank"):
-                known = np.isfinite(u[column])
-                values, steps = u[column][known], u["step"][known]
-                row.update({f"{column}_first": f"{values[0]:.3g}", f"{column}_lowest": f"{values.min():.3g}",
-                            f"{column}_lowest_step": int(steps[values.argmin()]),
-                            f"{column}_last": f"{values[-1]:.3g}"})
-            share, collapsed, escape = collapse_dynamics(u["step"], u["effective_rank"])
-            row.update({"rank_below_1.5_from": int(u["step"][low][0]) if low.any() else "-",
-                        "rank_below_1.5_until": int(u["step"][low][-1]) if low.any() else "-",
-                        "collapsed_share": f"{share:.2f}", "collapsed": collapsed, "escape_step": escape})
-            row.update({c: f"{u[c][np.isfinite(u[c])][-1]:.2f}" for c in jc.UPDATE_COLUMNS if "r2" in c})
+            share, collapsed, _ = collapse_dynamics(u["step"], u["effective_rank"])
+            last = {c: u[c][np.isfinite(u[c])][-1] for c in jc.UPDATE_COLUMNS if np.isfinite(u[c]).any()}
+            row = {"run": name, "seed": seed, "steps": int(u["step"][-1]), "return": f"{last['mean_return']:.1f}",
+                   "jepa_loss": f"{last['jepa_loss']:.3g}", "var": f"{last['embedding_var']:.2g}",
+                   "lowest_var": f"{np.nanmin(u['embedding_var']):.2g}", "rank": f"{last['effective_rank']:.2f}",
+                   "collapsed_share": f"{share:.2f}", "collapsed": collapsed if np.isfinite(share) else "",
+                   "probe_r2_theta": f"{last['probe_r2_theta']:.2f}"}
             if (run / "inspect.json").exists():
                 report = json.loads((run / "inspect.json").read_text())
-                row.update({f"inspect_{k}": f"{v:.3g}" for k, v in report.items() if k not in ("seed", "windows")})
+                row.update(onpolicy_r2_theta=f"{report['onpolicy_r2_theta']:.2f}")
             rows.append({**row, "wall_s": f"{summary['wall_s']:.0f}", "machine": machine_label(summary.get("machine"))})
-    if rows:
-        write_csv(args.plots_dir / "exercises_summary.csv", rows)
+    return rows
+
+
+def span(values, digits):
+    """'low to high' of some numbers, as the README's answers quote a range over seeds."""
+    low, high = min(values), max(values)
+    return f"{low:.{digits}g}" if low == high else f"{low:.{digits}g} to {high:.{digits}g}"
+
+
+def write_lab_tables(args):
+    """plots/lab_runs.csv, a row per run; plots/lab_summary.csv, a row per lab run over its seeds (collapsed seeds,
+    ranges); plots/lab_pairs.csv, a row per comparison of LAB_PAIRS: on how many seeds A's measure beats B's."""
+    rows = lab_rows(args)
+    if not rows:
+        return
+    write_csv(args.plots_dir / "lab_runs.csv", rows)
+    by_name = {name: [r for r in rows if r["run"] == name] for name in LAB}
+    summary = []
+    for name, runs in by_name.items():
+        if not runs:
+            continue
+        values = {k: [float(r[k]) for r in runs if r.get(k, "") != ""] for k in
+                  ("return", "var", "rank", "probe_r2_theta", "onpolicy_r2_theta", "jepa_loss", "wall_s")}
+        judged = [r["collapsed"] for r in runs if r["collapsed"] != ""]
+        summary.append({"run": name, "seeds": len(runs), "steps": runs[0]["steps"],
+                        "collapsed": f"{sum(judged)} of {len(judged)}" if judged else "",
+                        **{k: span(v, 2 if k != "wall_s" else 3) for k, v in values.items() if v}})
+    write_csv(args.plots_dir / "lab_summary.csv", summary)
+    pairs = []
+    for lesson, a, b, measure in LAB_PAIRS:
+        seeds = sorted({r["seed"] for r in by_name[a]} & {r["seed"] for r in by_name[b]})
+        if seeds:
+            value = {(r["run"], r["seed"]): float(r[measure]) for r in by_name[a] + by_name[b]}
+            wins = sum(value[a, seed] > value[b, seed] for seed in seeds)
+            pairs.append({"lesson": lesson, "a": a, "b": b, "measure": measure, "a_above_b": f"{wins} of {len(seeds)}",
+                          "a_range": span([value[a, seed] for seed in seeds], 2),
+                          "b_range": span([value[b, seed] for seed in seeds], 2)})
+    write_csv(args.plots_dir / "lab_pairs.csv", pairs)
 
 
 def plot_intervals(args, sweep, plt):
@@ -750,8 +805,8 @@ def plot_intervals(args, sweep, plt):
 
 
 def plot(args):
-    """Figure 3 and the collapse figure with their tables, and the exercises' table, from whichever sweeps have
-    finished runs."""
+    """Figure 3 and the collapse figure with their tables, and the lab's tables, from whichever sweeps have finished
+    runs."""
     plt, (batch_size, num_updates) = pyplot(), jc.rollout_sizes(args.num_envs, args.num_steps, args.total_steps)
     grid = np.arange(batch_size, num_updates * batch_size + 1, batch_size)     # one point per rollout
     args.plots_dir.mkdir(parents=True, exist_ok=True)
@@ -759,13 +814,14 @@ def plot(args):
         warnings.filterwarnings("ignore", "Mean of empty slice|Degrees of freedom|All-NaN slice", RuntimeWarning)
         for kind in ("figure3", "collapse"):
             plot_sweep(args, kind, grid, plt)
-    write_exercise_table(args)
+    write_lab_tables(args)
     print(f"figures and tables in {args.plots_dir}")
 
 
-def plot_sweep(args, kind, grid, plt):
-    """One sweep's figure and tables: Figure 3 (with the intervals, probes and observation) or the collapse figure."""
-    sweep = load_sweep(args, kind, grid)
+def plot_sweep(args, kind, grid, plt, sweep=None):
+    """One sweep's figure and tables: Figure 3 (with the intervals, probes and observation) or the collapse figure;
+    of the sweep's finished runs, or of `sweep` when given (pool)."""
+    sweep = load_sweep(args, kind, grid) if sweep is None else sweep
     if not sweep:
         print(f"{kind}: no finished runs in {args.sweep_dir / kind}; its figures are left as they are")
         return
@@ -918,6 +974,58 @@ def plot_observation(args, plt):
     plt.close(fig)
 
 
+def find_runs(folders):
+    """Every finished pixel run folder under `folders`, at any depth and in any layout: a folder with summary.json,
+    whose config.json has the three switches (an unreadable one is kept, for check_run to name)."""
+    def pixel_run(run):
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            return "jepa" in json.loads((run / "config.json").read_text())
+        return True
+    return [run for run in sorted({p.parent for folder in folders for p in folder.rglob("summary.json")})
+            if pixel_run(run)]
+
+
+def pool(args):
+    """The class's Figure 3: every run found under args.folders, grouped by configuration. Refuses runs made with
+    other settings (naming the flag) or a (configuration, seed) twice; lists the seeds that lack a configuration."""
+    number = {tuple(v[:3]): c for c, v in FIGURE3_CONFIGS.items()}
+    groups, first, shared = {}, None, [k for k in METHOD_FLAGS if k not in PER_RUN_FLAGS]
+    for run in find_runs(args.folders):
+        if (problem := check_run(run)) is not None:
+            print(f"warning: {problem}: this run is left out", flush=True)
+            continue
+        config = read_config(run)
+        if first is None:
+            first = (run, config)
+        elif (different := [k for k in shared if config[k] != first[1][k]]):
+            fail(f"{run} was made with other settings than {first[0]}: " + ", ".join(
+                f"--{k.replace('_', '-')} {config[k]} vs {first[1][k]}" for k in different) + "; pool one setting")
+        config_number = number[config["jepa"], config["rl_grad"], config["reg"]]
+        seeds = groups.setdefault(config_number, {})
+        if config["seed"] in seeds:
+            fail(f"configuration {config_number}, seed {config['seed']} twice: {seeds[config['seed']]} and {run}; "
+                 "keep one (two students with one seed made the same run)")
+        seeds[config["seed"]] = run
+    if first is None:
+        fail(f"no finished run folder under {', '.join(map(str, args.folders))}")
+    all_seeds = sorted({seed for seeds in groups.values() for seed in seeds})
+    for seed in all_seeds:
+        if (lacking := [str(c) for c in FIGURE3_CONFIGS if seed not in groups.get(c, {})]):
+            print(f"seed {seed} lacks configuration {', '.join(lacking)}")
+    settings = argparse.Namespace(**{k: first[1][k] for k in METHOD_FLAGS}, window=args.window, plots_dir=args.out)
+    batch_size, num_updates = jc.rollout_sizes(settings.num_envs, settings.num_steps,
+                                               settings.stop_after or settings.total_steps)
+    grid = np.arange(batch_size, num_updates * batch_size + 1, batch_size)
+    sweep = {c: load_runs([groups[c][seed] for seed in sorted(groups[c])], grid, args.window)
+             for c in FIGURE3_CONFIGS if c in groups}
+    args.out.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Mean of empty slice|Degrees of freedom|All-NaN slice", RuntimeWarning)
+        plot_sweep(settings, "figure3", grid, pyplot(), sweep)
+    print(f"pooled {sum(map(len, groups.values()))} runs of seeds {', '.join(map(str, all_seeds))}: figures and "
+          f"tables in {args.out}")
+
+
 # ---- 7. A trained agent: load, inspect, evaluate, animate ---------------------------------------------------------
 def load_run(run_dir, device="cpu"):
     """Rebuild a finished run's networks from its config.json and model.pt."""
@@ -964,7 +1072,8 @@ def inspect_run(run_dir):
     those windows: both probes, the spread of s_x, and Eq. 1 on the real transitions in parts (jepa_loss_mean_part:
     ||mean(pred) - mean(s_y)||^2, the mean prediction missing the mean target; the rest: missing how targets vary),
     and the share the action alone decides: whatever s_y is, ||pred(s_x, a) - s_y||^2 averaged over both actions is
-    at least ||pred(s_x, 0) - pred(s_x, 1)||^2 / 4 (action_floor). A collapsed encoder cannot tell the actions apart."""
+    at least ||pred(s_x, 0) - pred(s_x, 1)||^2 / 4 (action_floor). A collapsed encoder cannot tell the actions apart.
+    Also draws RUN_DIR/embedding.png (plot_embedding)."""
     run_args, nets = load_run(run_dir)
     H, W = run_args.image_height, run_args.image_width
     seed, steps = 10_000 + run_args.seed, jc.ONPOLICY_ROLLOUTS * run_args.num_steps
@@ -987,9 +1096,36 @@ def inspect_run(run_dir):
                       jepa_loss_mean_part=(pred.mean(0) - s_y.mean(0)).pow(2).sum().item(),
                       jepa_loss_action_floor=((pred_0 - pred_1).pow(2).sum(1) / 4).mean().item())
     (run_dir / "inspect.json").write_text(json.dumps(report, indent=2))
+    theta = visited[:-1].flatten(0, 1)[real][:, 2]                                       # the pole's angle at f(t)
+    plot_embedding(run_dir, s_x, theta, report)
     print("\n".join(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}" for k, v in report.items()))
     print(f"written to {run_dir / 'inspect.json'}")
     return report
+
+
+EMBEDDING_AXIS = 12.0   # the PCA picture's half-width, in the embedding's own units, for every run (see below)
+
+
+def plot_embedding(run_dir, s_x, theta, report):
+    """RUN_DIR/embedding.png: the s_x of the windows `inspect` played, on their two main directions (PCA of the
+    centred s_x), each point coloured by the pole's angle. The axes are in s_x's own units and the same for every
+    run (+-EMBEDDING_AXIS: wider than any spread we saw after the final LayerNorm), so a collapsed encoder shows as
+    the dot it is; axes fitted to each run would blow a collapsed cloud up to look as spread as a healthy one."""
+    plt = pyplot()
+    centred = (s_x - s_x.mean(0)).double()
+    directions = torch.linalg.svd(centred, full_matrices=False)[2][:2]                  # (2, D)
+    xy = (centred @ directions.T).numpy()                                               # (n, 2)
+    fig, ax = plt.subplots(figsize=(5.4, 4.6))
+    dots = ax.scatter(xy[:, 0], xy[:, 1], c=theta.numpy(), cmap="coolwarm", vmin=-0.21, vmax=0.21, s=4)
+    fig.colorbar(dots, ax=ax, label="pole angle θ (rad); ±0.21 ends the episode")
+    ax.set(xlim=(-EMBEDDING_AXIS, EMBEDDING_AXIS), ylim=(-EMBEDDING_AXIS, EMBEDDING_AXIS), aspect="equal",
+           xlabel="first principal direction of s_x", ylabel="second principal direction")
+    ax.set_title(f"{run_dir.name}: {len(xy)} visited windows\nvariance {report['embedding_var']:.1e}, "
+                 f"effective rank {report['effective_rank']:.1f}", fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(run_dir / "embedding.png", dpi=80)
+    plt.close(fig)
 
 
 def make_gif(run_dir, seed=1):
@@ -1028,14 +1164,19 @@ def make_gif(run_dir, seed=1):
 
 
 # ---- 8. The command line: one subcommand per job ------------------------------------------------------------------
-SWEEPS = ("figure3", "collapse", "exercises")
+SWEEPS = ("figure3", "collapse", "lab", "class")
+PLOTTED = ("figure3", "collapse", "lab")                  # the sweeps whose runs `plot` draws (the class: `pool`)
 COMMANDS = {
     "figure3": "the paper's 4 configurations x --seeds seeds (1, 2, ...) x --total-steps, plus the state-based "
                "reference; each pixel run followed by `inspect`, then `plot`. Resumable: finished runs are kept",
     "collapse": f"the collapse demonstration: {', '.join(COLLAPSE_ARMS)} x --seeds seeds in the collapse setting "
                 f"{COLLAPSE_SETTING}; each run followed by `inspect`, then `plot`. Resumable",
-    "exercises": f"the lab's runs (README: exercises) x --seeds seeds from {EXERCISE_SEED}, at Part 1's defaults; each "
-                 "run followed by `inspect`, then `plot`. Resumable",
+    "lab": f"the lab's runs (README: A 90-minute lab) x --seeds seeds from {LAB_SEED}, at Part 1's defaults; each "
+           "run followed by `inspect`, then `plot`. Resumable",
+    "class": "a student's share of the class's Figure 3: the 4 configurations on --seed, two at a time, into "
+             "<sweep-dir>/class (default runs/class). Resumable",
+    "pool": "pool run folders (the class's, copied in any layout) into Figure 3 with its IQM, 95% intervals and "
+            "P(2 > 1), in --out; refuses runs of other settings, lists the seeds that lack a configuration",
     "plot": "redraw the figures and tables in --plots-dir from the finished runs of the sweeps",
     "state-reference": "train the state-based PPO reference (not in the paper) on the true 4-number state",
     "inspect": "what RUN's encoder knows where its agent goes (the on-policy probe) and what its JEPA loss is made "
@@ -1052,11 +1193,12 @@ def build_harness_parser(command):
     if command in (*SWEEPS, "plot"):
         p = jc.build_parser()
         p.add_argument("--window", type=int, default=20, help="episodes in the running average of the return")
-        p.add_argument("--sweep-dir", type=Path, default=Path("plots/runs"), help="a sweep keeps its runs in "
-                       "<sweep-dir>/<sweep>; the default holds our committed runs (their logs, not their weights)")
+        p.add_argument("--sweep-dir", type=Path, default=Path("runs" if command == "class" else "plots/runs"),
+                       help="a sweep keeps its runs in <sweep-dir>/<sweep>; plots/runs holds our committed runs")
         p.add_argument("--plots-dir", type=Path, default=Path("plots"), help="where figures and tables go")
-        if command != "plot":
+        if command not in ("plot", "class"):
             p.add_argument("--seeds", type=int, default=5, help="seeds per configuration (paper: 5)")
+        if command != "plot":
             p.add_argument("--workers", type=int, default=2, help="runs side by side, one thread each")
             p.add_argument("--print-commands", action="store_true", help="print the runs still to do, one shell "
                            "command each, for a scheduler (GNU parallel, a SLURM array); then `plot` collects them")
@@ -1067,6 +1209,12 @@ def build_harness_parser(command):
         p.add_argument("--window", type=int, default=20, help="episodes in the running average of the return")
         p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 keeps torch's default")
         p.add_argument("--out", type=Path, default=None, help="run folder [runs/state-seed<k>]")
+    elif command == "pool":
+        p = argparse.ArgumentParser()
+        p.add_argument("folders", type=Path, nargs="+", metavar="FOLDER", help="folders that hold run folders, at "
+                       "any depth (each run folder: config.json, summary.json, episodes.csv, updates.csv)")
+        p.add_argument("--out", type=Path, default=Path("runs/pool"), help="where the figures and tables go")
+        p.add_argument("--window", type=int, default=20, help="episodes in the running average of the return")
     elif command == "renderer":
         p = argparse.ArgumentParser()
         for flag, default in (("--image-height", 16), ("--image-width", 64), ("--num-envs", 16)):
@@ -1095,19 +1243,27 @@ def parse_harness_args(argv):
     args.command = command
     if command in (*SWEEPS, "plot"):
         ranges = {**{k: v for k, v in jc.FLAG_RANGES.items() if k != "threads"},
-                  **({"seeds": (1, None), "workers": (1, None)} if command != "plot" else {})}
+                  **({"workers": (1, None)} if command != "plot" else {}),
+                  **({"seeds": (1, None)} if command not in ("plot", "class") else {})}
         jc.check_args(parser, args, ranges)
         for name in ("sweep_dir", "plots_dir"):
             if (path := getattr(args, name)).exists() and not path.is_dir():
                 parser.error(f"--{name.replace('_', '-')} {path}: is a file, not a folder")
-    if command == "plot" and not any(finished_runs(args.sweep_dir / sweep) for sweep in SWEEPS):
-        parser.error(f"no finished run in {args.sweep_dir}/figure3, collapse or exercises; run a sweep first "
+    if command == "plot" and not any(finished_runs(args.sweep_dir / sweep) for sweep in PLOTTED):
+        parser.error(f"no finished run in {args.sweep_dir}/figure3, collapse or lab; run a sweep first "
                      f"({args.plots_dir} is left as it is)")
     given = [a.option_strings[0 if getattr(args, a.dest) or len(a.option_strings) == 1 else 1]
              for a in jc.build_parser()._actions if a.dest not in ("help", "seed", "device")
              and getattr(args, a.dest, a.default) != a.default]
-    if command == "exercises" and given:
-        parser.error(f"{' '.join(given)}: `exercises` runs the README's commands as written, at the defaults")
+    if command == "lab" and given:
+        parser.error(f"{' '.join(given)}: `lab` runs the README's commands as written, at the defaults")
+    if command == "pool":
+        if (missing := [str(f) for f in args.folders if not f.is_dir()]):
+            parser.error(f"{', '.join(missing)}: not a folder")
+        if args.out.exists() and not args.out.is_dir():
+            parser.error(f"--out {args.out}: is a file, not a folder")
+        if args.window < 1:
+            parser.error(f"--window {args.window}: must be at least 1")
     # What `collapse` sets itself: the setting of all its arms, and what one arm changes (the x100 weight). A user's
     # value would be silently overridden in one arm and not in the others, so it is refused instead.
     set_by_collapse = [*COLLAPSE_SETTING, *(k for *_, changes in COLLAPSE_ARMS.values() for k in changes)]
@@ -1159,6 +1315,8 @@ def main(argv=None):
             run_sweep(args, args.command)
         elif args.command == "plot":
             plot(args)
+        elif args.command == "pool":
+            pool(args)
         elif args.command == "state-reference":
             train_state_reference(args.seed, args.total_steps, args.out, args.window)
         elif args.command == "inspect":
