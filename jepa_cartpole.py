@@ -90,7 +90,7 @@ def build_parser():
     p.add_argument("--num-minibatches", type=int, default=8, help="minibatches per epoch: 8 of at most 64 "
                    "(autoreset steps are left out), twice CleanRL's optimiser steps, which the ViT needs")
     p.add_argument("--update-epochs", type=int, default=4, help="passes over each rollout")
-    p.add_argument("--learning-rate", type=float, default=1e-3, help="AdamW learning rate; CleanRL's 2.5e-4 was slow")
+    p.add_argument("--learning-rate", type=float, default=1e-3, help="AdamW learning rate (CleanRL's: 2.5e-4)")
     p.add_argument("--predictor-lr-scale", type=float, default=1.0, help="the predictor's lr / --learning-rate: a slow "
                    "predictor leaves the encoder to lower Eq. 1 the easy way, by collapse (plots/README.md: collapse)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on all trained networks")
@@ -551,9 +551,8 @@ def train(args, render=None, log=None):
 # ======================================================================================================
 # PART 2: ONE RUN (skip on a first reading)
 # ======================================================================================================
-# What `python jepa_cartpole.py --jepa --rl-grad --reg` needs beyond the method: the run's flags and the check of
-# every flag, the collapse indicators the console shows, the run folder and its figure. plots/experiments.py, the
-# harness, runs many such runs through train()'s `log` and `render` doors and makes every figure of plots/.
+# What one run needs beyond the method: its flags and their checks, the collapse indicators the console shows, the
+# run folder and its figure. plots/experiments.py runs many through train()'s `log` and `render` doors.
 import csv
 import json
 import platform
@@ -718,12 +717,10 @@ UPDATE_COLUMNS = ["step", "mean_return", "loss", "jepa_loss", "reg_loss", "polic
 
 
 def machine():
-    """What a run's numbers depend on beyond its seed: the CPU model (two, both AVX512, gave other floating-point
-    results: plots/README.md, Reproducibility), torch's kernels for it, torch's version and the thread count."""
-    info, cpuinfo = {}, Path("/proc/cpuinfo")                      # Linux; elsewhere `platform` says what it can
-    for line in (cpuinfo.read_text() if cpuinfo.exists() else "").splitlines():
-        key, _, value = line.partition(":")
-        info.setdefault(key.strip(), value.strip())                 # the first processor's values
+    """What a run's numbers depend on beyond its seed (plots/README.md: Reproducibility): the CPU model, torch's
+    kernels for it, torch's version and the thread count."""
+    cpuinfo = Path("/proc/cpuinfo").read_text().split("\n\n")[0] if Path("/proc/cpuinfo").exists() else ""   # Linux
+    info = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in cpuinfo.splitlines())}
     ids = [info.get(k, "") for k in ("cpu family", "model", "stepping")]
     return {"cpu_vendor": info.get("vendor_id", platform.system()),
             "cpu_model": info.get("model name") or platform.processor() or platform.machine(),
@@ -747,10 +744,9 @@ class RunLog(ConsoleLog):
         for stale in ("summary.json", "model.pt", "training.png"):   # --overwrite: never a finished-looking mix
             (args.out / stale).unlink(missing_ok=True)
         (args.out / "config.json").write_text(json.dumps(vars(args), indent=2, default=str))   # a Path as its text
-        self.episodes_file = open(args.out / "episodes.csv", "w", newline="", buffering=1)   # line-buffered: each
-        self.updates_file = open(args.out / "updates.csv", "w", newline="", buffering=1)     # row flushed at once
-        self.episodes_csv = csv.writer(self.episodes_file)
-        self.updates_csv = csv.DictWriter(self.updates_file, fieldnames=UPDATE_COLUMNS)
+        self.files = [open(args.out / name, "w", newline="", buffering=1)    # line-buffered: each row flushed at once
+                      for name in ("episodes.csv", "updates.csv")]
+        self.episodes_csv, self.updates_csv = csv.writer(self.files[0]), csv.DictWriter(self.files[1], UPDATE_COLUMNS)
         self.episodes_csv.writerow(["step", "return", "length"])
         self.updates_csv.writeheader()
         super().__init__(args.window)                                  # starts the clock
@@ -779,8 +775,8 @@ class RunLog(ConsoleLog):
     def finish(self, nets):
         summary = {**super().finish(nets), "final_embedding_var": self.row["embedding_var"],
                    "final_effective_rank": self.row["effective_rank"], "machine": machine()}
-        self.episodes_file.close()
-        self.updates_file.close()
+        for file in self.files:
+            file.close()
         torch.save({k: net.state_dict() for k, net in nets.items()}, self.out / "model.pt")
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         print(f"done: {summary['steps']} steps in {summary['wall_s']:.0f}s ({summary['sps']:.0f} sps); "
@@ -799,12 +795,10 @@ def plot_training(run_dir):
                                  ["return (running average)", "embedding variance (collapse indicator)",
                                   "effective rank of s_x", "JEPA loss (Eq. 1)"]):
         ax.plot(updates["step"], updates[column], lw=1.5)
-        if column == "embedding_var":
-            ax.axhline(COLLAPSE_THRESHOLD, color="black", ls=":", label="collapse threshold 1e-7")
-            ax.set(yscale="log")
-            ax.legend(fontsize=8)
-        ax.set(title=title, xlabel="environment steps")
+        ax.set(title=title, xlabel="environment steps", yscale="log" if column == "embedding_var" else "linear")
         ax.grid(alpha=0.3)
+    axes[1].axhline(COLLAPSE_THRESHOLD, color="black", ls=":", label="the paper's collapse threshold 1e-7")
+    axes[1].legend(fontsize=8)
     fig.suptitle(str(run_dir), fontsize=12)
     fig.tight_layout()
     fig.savefig(run_dir / "training.png", dpi=80)

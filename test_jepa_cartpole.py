@@ -210,7 +210,7 @@ def test_positional_encoding_tells_frames_apart():
     backward = forward.flip(1)
     with torch.no_grad():
         assert not torch.allclose(enc(forward), enc(backward), atol=1e-6)
-        enc.frame_index = False                                   # --no-frame-index: the exercise's switch
+        enc.frame_index = False                                   # --no-frame-index: the lab's extra
         assert torch.allclose(enc(forward), enc(backward), atol=1e-5)
         enc.frame_index = True
         enc.frame_pos.zero_()                                     # the same thing, by hand
@@ -1116,9 +1116,10 @@ def test_the_state_reference_checks_its_own_rollout_size():
     assert ex.parse_harness_args(["state-reference", "--total-steps", "300", "--out", "never"]).total_steps == 300
 
 
-def test_the_renderer_check_finds_our_frames_close_to_gymnasiums():
+def test_the_renderer_check_reports_the_difference_and_both_times(capsys):
     difference, (ours, theirs) = ex.check_renderer(H, W, num_envs=4)
-    assert 0 <= difference < 255 and 0 < ours < theirs                 # close, and ours is the faster
+    assert 0 <= difference < 255 and ours > 0 and theirs > 0           # timings are reported, never asserted
+    assert "largest difference" in capsys.readouterr().out
 
 
 def test_plot_without_finished_runs_leaves_the_plots_byte_identical(tmp_path):
@@ -1527,7 +1528,7 @@ def test_a_damaged_run_folder_gets_a_message_naming_the_file(damage, finished_sw
 
 
 def test_printed_commands_make_the_runs_that_plot_collects(tmp_path, monkeypatch, capsys):
-    """--print-commands: one shell line per run still to do, for any scheduler; run them, then --plot collects
+    """--print-commands: one shell line per run still to do, for any scheduler; run them, then `plot` collects
     every finished run of the folder, whatever its seed."""
     sweep = tmp_path / "sweep"
     monkeypatch.chdir(tmp_path)

@@ -82,11 +82,13 @@ LAB = {"worked": {"stop_after": 8192},                                          
        "collapse-nonorm": {**IN_COLLAPSE_SETTING, "final_norm": False},
        "hires": {**LAB_STEPS, "image_height": 32, "image_width": 128}}
 # The lab's comparisons, each (lesson, run A, run B, measure): the README counts the seeds on which A's measure at
-# 30k is above B's. return: the running-average return; rank: the effective rank; var: the embedding variance.
+# 30k is above B's: a column of plots/lab_runs.csv (return: running average; rank: effective rank; var: variance).
 LAB_PAIRS = [("1", "config2", "config1", "return"), ("2", "config2", "config3", "return"),
              ("2", "collapse-rlgrad", "collapse", "rank"), ("3", "collapse-reg100", "collapse-reg", "rank"),
              ("3", "collapse-regstd", "collapse-reg", "var"), ("4", "collapse-tau1", "collapse-tau0.99", "rank"),
-             ("4", "collapse-tau0", "collapse-tau0.99", "rank")]
+             ("4", "collapse-tau0", "collapse-tau0.99", "rank"),
+             ("extra", "config2", "noframe", "return"), ("extra", "config2", "noframe", "onpolicy_r2_theta_dot"),
+             ("extra", "config2", "noframe", "onpolicy_r2_x_dot"), ("extra", "hires", "config2", "probe_r2_theta_dot")]
 
 
 # The collapse criterion, fixed before the runs that test it (plots/README.md: collapse): a run is COLLAPSED when the
@@ -196,7 +198,8 @@ def train_state_reference(seed, total_steps, out, window=20):
     episodes_file, updates_file = (open(out / n, "w", newline="", buffering=1) for n in ("episodes.csv", "updates.csv"))
     episodes_log, updates_log = csv.writer(episodes_file), csv.writer(updates_file)
     episodes_log.writerow(["step", "return", "length"])             # line-buffered files: each row flushed at once
-    updates_log.writerow(["step", "mean_return", "learning_rate", "clip_coef", "policy_loss", "value_loss", "approx_kl"])
+    updates_log.writerow(["step", "mean_return", "learning_rate", "clip_coef", "policy_loss", "value_loss",
+                          "approx_kl"])
     envs, the_state, stack, physics = start_envs(N, seed, render=lambda physics: physics)   # (N, 3, 4): 3 states
     actor = state_mlp(envs.single_action_space.n, 0.01, cfg.hidden)           # near-uniform first policy
     critic = state_mlp(1, 1.0, cfg.hidden)
@@ -463,7 +466,7 @@ def run_sweep(args, kind):
         return
     lock = lock_sweep(args.sweep_dir / kind)
     jobs = unfinished_jobs(args, kind)
-    for run in finished_runs(args.sweep_dir / kind):      # trained, but stopped before its --inspect: inspect it now
+    for run in finished_runs(args.sweep_dir / kind):      # trained, but stopped before its `inspect`: inspect it now
         if (run / "model.pt").exists() and not (run / "inspect.json").exists() and not run.name.startswith("state-"):
             inspect_run(run)
     total = len(sweep_groups(kind)) * len(sweep_seeds(args, kind))
@@ -627,7 +630,7 @@ def load_runs(run_dirs, grid, window):
         summary = json.loads((run / "summary.json").read_text())
         runs["wall_s"].append(summary["wall_s"])
         runs.setdefault("machine", []).append(machine_label(summary.get("machine")))
-        if (run / "inspect.json").exists():                # --inspect's probes of the final encoder, if made
+        if (run / "inspect.json").exists():                # `inspect`'s probes of the final encoder, if made
             for key, value in json.loads((run / "inspect.json").read_text()).items():
                 runs.setdefault(f"inspect_{key}", []).append(value)
         updates = read_csv(run / "updates.csv")
@@ -724,9 +727,11 @@ def lab_rows(args):
                    "lowest_var": f"{np.nanmin(u['embedding_var']):.2g}", "rank": f"{last['effective_rank']:.2f}",
                    "collapsed_share": f"{share:.2f}", "collapsed": collapsed if np.isfinite(share) else "",
                    "probe_r2_theta": f"{last['probe_r2_theta']:.2f}"}
-            if (run / "inspect.json").exists():
+            if (run / "inspect.json").exists():                   # the final encoder, where its agent goes
                 report = json.loads((run / "inspect.json").read_text())
-                row.update(onpolicy_r2_theta=f"{report['onpolicy_r2_theta']:.2f}")
+                row.update({f"onpolicy_r2_{v}": f"{report[f'onpolicy_r2_{v}']:.2f}" for v in jc.STATE_NAMES},
+                           probe_r2_theta_dot=f"{report['probe_r2_theta_dot']:.2f}",
+                           s_x_norm=f"{report['s_x_norm']:.3g}")
             rows.append({**row, "wall_s": f"{summary['wall_s']:.0f}", "machine": machine_label(summary.get("machine"))})
     return rows
 
@@ -750,10 +755,13 @@ def write_lab_tables(args):
         if not runs:
             continue
         values = {k: [float(r[k]) for r in runs if r.get(k, "") != ""] for k in
-                  ("return", "var", "rank", "probe_r2_theta", "onpolicy_r2_theta", "jepa_loss", "wall_s")}
+                  ("return", "var", "lowest_var", "rank", "jepa_loss", "probe_r2_theta", "onpolicy_r2_theta",
+                   "onpolicy_r2_theta_dot", "onpolicy_r2_x_dot", "probe_r2_theta_dot", "s_x_norm", "wall_s")}
         judged = [r["collapsed"] for r in runs if r["collapsed"] != ""]
         summary.append({"run": name, "seeds": len(runs), "steps": runs[0]["steps"],
                         "collapsed": f"{sum(judged)} of {len(judged)}" if judged else "",
+                        "var_below_1e-7": f"{sum(v < jc.COLLAPSE_THRESHOLD for v in values['lowest_var'])} of "
+                                          f"{len(runs)}",
                         **{k: span(v, 2 if k != "wall_s" else 3) for k, v in values.items() if v}})
     write_csv(args.plots_dir / "lab_summary.csv", summary)
     pairs = []
@@ -890,7 +898,7 @@ def plot_sweep(args, kind, grid, plt, sweep=None):
 
 def write_probe_table(args, sweep):
     """plots/probes_summary.csv: per configuration and state variable, the IQM over seeds (and its 95% interval)
-    of the two linear probes of the final encoder: uniform (the run's probe set) and on-policy (--inspect)."""
+    of the two linear probes of the final encoder: uniform (the run's probe set) and on-policy (`inspect`)."""
     rows = []
     for group, runs in sweep.items():
         for name in jc.STATE_NAMES:
@@ -963,7 +971,8 @@ def plot_observation(args, plt):
     ax = fig.add_subplot(grid_spec[:, 3])
     ax.imshow(full_scene(physics[0]))
     top = jc.SCREEN_HEIGHT - (jc.CROP_BOTTOM + H * jc.SCREEN_WIDTH / W)
-    ax.add_patch(plt.Rectangle((0, top), jc.SCREEN_WIDTH - 1, H * jc.SCREEN_WIDTH / W, fill=False, ec="tab:orange", lw=2))
+    ax.add_patch(plt.Rectangle((0, top), jc.SCREEN_WIDTH - 1, H * jc.SCREEN_WIDTH / W, fill=False, ec="tab:orange",
+                               lw=2))
     ax.set_title("gymnasium's 600 x 400 scene at f(t+1)\norange box: the band our frames show", fontsize=11)
     ax.set(xticks=[], yticks=[])
     tokens = (H // p) * (W // p)
@@ -1268,7 +1277,8 @@ def parse_harness_args(argv):
     # value would be silently overridden in one arm and not in the others, so it is refused instead.
     set_by_collapse = [*COLLAPSE_SETTING, *(k for *_, changes in COLLAPSE_ARMS.values() for k in changes)]
     flags = [f"--{k.replace('_', '-')}" for k in set_by_collapse]
-    if command == "collapse" and (mine := [f for k, f in zip(set_by_collapse, flags) if getattr(args, k) != DEFAULTS[k]]):
+    mine = [f for k, f in zip(set_by_collapse, flags) if getattr(args, k, DEFAULTS[k]) != DEFAULTS[k]]
+    if command == "collapse" and mine:
         parser.error(f"{' '.join(mine)}: `collapse` sets {', '.join(flags)} itself (plots/README.md: collapse)")
     if command == "state-reference":
         for name in ("seed", "total_steps", "window", "threads"):
