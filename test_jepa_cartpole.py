@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -1183,25 +1184,34 @@ def test_inspect_reports_both_probes_and_the_parts_of_the_jepa_loss(tiny_run, ca
 
 
 
-def readme_commands(readme="README.md", section=None):
-    """The commands (lines of code blocks that start with `python `) of a README, or of one of its sections."""
+def readme_commands(readme="README.md", section=None, inline=False):
+    """The commands (lines of code blocks that start with `python `; with inline, also `python ...` in the text) of
+    a README, or of one of its sections."""
     text = SCRIPT.with_name(readme).read_text() if readme == "README.md" else (SCRIPT.parent / readme).read_text()
     if section:
         text = text[text.index(f"\n## {section}"):]
         text = text[:text.index("\n## ", 5)] if "\n## " in text[5:] else text
-    blocks = text.split("```")[1::2]                                        # inside code blocks only
-    return [line.strip() for block in blocks for line in block.splitlines() if line.strip().startswith("python ")]
+    blocks = text.split("```")[1::2]                                        # code blocks' lines
+    commands = [line.strip() for block in blocks for line in block.splitlines() if line.strip().startswith("python ")]
+    if inline:                                                              # and `python ...` in the text
+        commands += [" ".join(span.split()) for span in re.findall(r"(?<!`)`(python [^`]+)`", "".join(
+            text.split("```")[0::2]))]
+    return commands
 
 
 @pytest.mark.parametrize("readme", ["README.md", "plots/README.md"])
 def test_every_readme_command_parses_as_written(readme, tmp_path, monkeypatch):
     """Every command in the two READMEs is one that the file or the harness accepts, flags and all."""
     monkeypatch.chdir(tmp_path)
-    commands = readme_commands(readme)
-    assert len(commands) >= 5
+    commands = readme_commands(readme, inline=True)
+    assert len(commands) >= 10
+    placeholders = {"S": "1", "W": "100", "G": "0.99", "L": "0.95", "E": "0.01", "LR": "0.001", "RUN": "run",
+                    "DIR": "run", "N": "5"}                                 # a README's S: any seed, and so on
     for command in commands:
-        for part in command.split(" && "):
-            words = shlex.split(part.split(" #")[0])
+        for part in command.split(" #")[0].split(" && "):                     # a comment is no command
+            words = [placeholders.get(w, w) for w in shlex.split(re.split(r" > | \| ", part)[0])]
+            if words[-1] in ("-h", "--help"):
+                continue
             assert words[0] == "python", command
             if words[1] == "jepa_cartpole.py":
                 jc.parse_args([*words[2:], *(["--out", str(tmp_path / "run")] if "--out" not in words else [])])
