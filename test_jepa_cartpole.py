@@ -765,15 +765,22 @@ EXPLICIT_CASES = [
     (["--stop-after", "200000"], "--stop-after"),            # beyond --total-steps
     (["--out", "{tmp}/a-file"], "--out"),                    # a file, not a folder
 ]
-@pytest.mark.parametrize("flags, named", _range_cases() + EXPLICIT_CASES,
-                         ids=lambda v: " ".join(v) if isinstance(v, list) else None)
-def test_bad_input_is_refused_naming_the_flag_and_writes_nothing(flags, named, tmp_path, monkeypatch, capsys):
+
+
+def folder_with_bad_paths(tmp_path, monkeypatch):
+    """A working folder with the paths the bad-input cases name; returns what is in it, to show nothing is added."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "no-model").mkdir()
     (tmp_path / "no-model" / "config.json").write_text("{}")
     (tmp_path / "empty-sweep").mkdir()
     (tmp_path / "a-file").write_text("not a folder")
-    before = sorted(tmp_path.rglob("*"))
+    return sorted(tmp_path.rglob("*"))
+
+
+@pytest.mark.parametrize("flags, named", _range_cases() + EXPLICIT_CASES,
+                         ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_bad_input_is_refused_naming_the_flag_and_writes_nothing(flags, named, tmp_path, monkeypatch, capsys):
+    before = folder_with_bad_paths(tmp_path, monkeypatch)
     argv = [f.format(tmp=tmp_path) for f in flags]
     if "--out" not in flags:
         argv += ["--out", str(tmp_path / "run")]
@@ -1098,12 +1105,7 @@ HARNESS_CASES = [
 
 @pytest.mark.parametrize("argv, named", HARNESS_CASES, ids=lambda v: " ".join(v) if isinstance(v, list) else None)
 def test_the_harness_refuses_bad_input_naming_it_and_writes_nothing(argv, named, tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "no-model").mkdir()
-    (tmp_path / "no-model" / "config.json").write_text("{}")
-    (tmp_path / "empty-sweep").mkdir()
-    (tmp_path / "a-file").write_text("not a folder")
-    before = sorted(tmp_path.rglob("*"))
+    before = folder_with_bad_paths(tmp_path, monkeypatch)
     with pytest.raises(SystemExit) as exit_info:
         ex.parse_harness_args([a.format(tmp=tmp_path) for a in argv])
     err = capsys.readouterr().err
