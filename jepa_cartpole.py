@@ -158,7 +158,7 @@ def push_frame(frame_stack, frames, episode_start):
     return new
 
 
-def make_envs(num_envs):  # gymnasium's RecordEpisodeStatistics: info["episode"] at each episode's end (see below)
+def make_envs(num_envs):  # N Cart Poles; RecordEpisodeStatistics puts each ended episode's return in `info`
     envs = gym.make_vec("CartPole-v1", num_envs=num_envs, vectorization_mode="vector_entry_point")
     return gym.wrappers.vector.RecordEpisodeStatistics(envs)
 

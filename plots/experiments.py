@@ -737,9 +737,12 @@ def lab_rows(args):
 
 
 def span(values, digits):
-    """'low to high' of some numbers, as the README's answers quote a range over seeds."""
-    low, high = min(values), max(values)
-    return f"{low:.{digits}g}" if low == high else f"{low:.{digits}g} to {high:.{digits}g}"
+    """'low to high' of some numbers, as the README's answers quote a range over seeds: `digits` significant digits,
+    whole numbers from 10^digits to 10^4 and powers of ten beyond."""
+    def number(v):
+        return f"{v:.0f}" if 10 ** digits <= abs(v) < 1e4 else f"{v:.{digits}g}"
+    low, high = number(min(values)), number(max(values))
+    return low if low == high else f"{low} to {high}"
 
 
 def write_lab_tables(args):
@@ -762,7 +765,7 @@ def write_lab_tables(args):
                         "collapsed": f"{sum(judged)} of {len(judged)}" if judged else "",
                         "var_below_1e-7": f"{sum(v < jc.COLLAPSE_THRESHOLD for v in values['lowest_var'])} of "
                                           f"{len(runs)}",
-                        **{k: span(v, 2 if k != "wall_s" else 3) for k, v in values.items() if v}})
+                        **{k: span(v, 3 if k in ("return", "wall_s") else 2) for k, v in values.items() if v}})
     write_csv(args.plots_dir / "lab_summary.csv", summary)
     pairs = []
     for lesson, a, b, measure in LAB_PAIRS:
@@ -771,8 +774,8 @@ def write_lab_tables(args):
             value = {(r["run"], r["seed"]): float(r[measure]) for r in by_name[a] + by_name[b]}
             wins = sum(value[a, seed] > value[b, seed] for seed in seeds)
             pairs.append({"lesson": lesson, "a": a, "b": b, "measure": measure, "a_above_b": f"{wins} of {len(seeds)}",
-                          "a_range": span([value[a, seed] for seed in seeds], 2),
-                          "b_range": span([value[b, seed] for seed in seeds], 2)})
+                          "a_range": span([value[a, seed] for seed in seeds], 3 if measure == "return" else 2),
+                          "b_range": span([value[b, seed] for seed in seeds], 3 if measure == "return" else 2)})
     write_csv(args.plots_dir / "lab_pairs.csv", pairs)
 
 
