@@ -88,11 +88,11 @@ def build_parser():
     #     layer per head (CleanRL: two) and every value whose help says otherwise (plots/README.md: What mattered).
     p.add_argument("--num-steps", type=int, default=32, help="rollout length per env between updates")
     p.add_argument("--num-minibatches", type=int, default=8, help="minibatches per epoch: 8 of at most 64 "
-                   "(autoreset steps are left out), twice CleanRL's optimiser steps, which the ViT needs")
+                   "(autoreset steps are left out), twice CleanRL's optimiser steps (plots/README.md: What mattered)")
     p.add_argument("--update-epochs", type=int, default=4, help="passes over each rollout")
     p.add_argument("--learning-rate", type=float, default=1e-3, help="AdamW learning rate (CleanRL's: 2.5e-4)")
-    p.add_argument("--predictor-lr-scale", type=float, default=1.0, help="the predictor's lr / --learning-rate: a slow "
-                   "predictor leaves the encoder to lower Eq. 1 the easy way, by collapse (plots/README.md: collapse)")
+    p.add_argument("--predictor-lr-scale", type=float, default=1.0, help="the predictor's lr / --learning-rate; the "
+                   "collapse demonstration slows it to 0.01 (why: plots/README.md, When does JEPA collapse?)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on all trained networks")
     p.add_argument("--anneal-lr", action=on_off, default=True, help="decay the learning rate linearly to 0")
     p.add_argument("--gamma", type=float, default=0.98, help="discount factor (RL Zoo's for Cart Pole)")

@@ -1091,6 +1091,8 @@ HARNESS_CASES = [
     (["collapse", "--reg-coef", "5"], "--reg-coef"),              # and its arms' own changes
     (["lab", "--no-jepa"], "--no-jepa"),                          # the lab runs the README's commands as written
     (["lab", "--total-steps", "1000"], "--total-steps"),
+    (["lab", "--seed", "3"], "--seeds"),                              # the lab's seeds are its own
+    (["class"], "--seed"),                                            # a student's own seed, never a default
     (["pool", "{tmp}/missing"], "missing"),
     (["pool", "{tmp}/empty-sweep", "--out", "{tmp}/a-file"], "--out"),
     (["plot", "--plots-dir", "{tmp}/a-file"], "--plots-dir"),

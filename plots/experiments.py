@@ -9,7 +9,7 @@ Run from the repository's root, one subcommand per job:
     python plots/experiments.py figure3 --seeds 10     # Figure 3: 4 configurations + the state reference, then plot
     python plots/experiments.py collapse --seeds 10    # the collapse demonstration, then plot
     python plots/experiments.py lab --seeds 5          # the lab's runs (README: A 90-minute lab), then plot
-    python plots/experiments.py class --seed 7         # a student's share of the class's Figure 3: 4 runs of 100k
+    python plots/experiments.py class --seed 601       # a student's share of the class's Figure 3: 4 runs of 100k
     python plots/experiments.py pool FOLDER...         # the class's runs, in any layout, pooled into Figure 3
     python plots/experiments.py plot                   # every figure and table from the finished runs
     python plots/experiments.py inspect RUN            # what RUN's encoder knows where its agent goes: inspect.json
@@ -1012,7 +1012,10 @@ def pool(args):
         elif (different := [k for k in shared if config[k] != first[1][k]]):
             fail(f"{run} was made with other settings than {first[0]}: " + ", ".join(
                 f"--{k.replace('_', '-')} {config[k]} vs {first[1][k]}" for k in different) + "; pool one setting")
-        config_number = number[config["jepa"], config["rl_grad"], config["reg"]]
+        if (switches := (config["jepa"], config["rl_grad"], config["reg"])) not in number:
+            fail(f"{run} is none of Figure 3's configurations (--{'' if switches[0] else 'no-'}jepa "
+                 f"--{'' if switches[1] else 'no-'}rl-grad --{'' if switches[2] else 'no-'}reg); leave it out")
+        config_number = number[switches]
         seeds = groups.setdefault(config_number, {})
         if config["seed"] in seeds:
             fail(f"configuration {config_number}, seed {config['seed']} twice: {seeds[config['seed']]} and {run}; "
@@ -1132,8 +1135,10 @@ def plot_embedding(run_dir, s_x, theta, report):
     fig.colorbar(dots, ax=ax, label="pole angle θ (rad); ±0.21 ends the episode")
     ax.set(xlim=(-EMBEDDING_AXIS, EMBEDDING_AXIS), ylim=(-EMBEDDING_AXIS, EMBEDDING_AXIS), aspect="equal",
            xlabel="first principal direction of s_x", ylabel="second principal direction")
-    ax.set_title(f"{run_dir.name}: {len(xy)} visited windows\nvariance {report['embedding_var']:.1e}, "
-                 f"effective rank {report['effective_rank']:.1f}", fontsize=10)
+    outside = int((np.abs(xy) > EMBEDDING_AXIS).any(1).sum())                         # off the fixed axes
+    ax.set_title(f"{run_dir.name}: {len(xy)} visited windows" + (f", {outside} off the axes" if outside else "")
+                 + f"\nvariance {report['embedding_var']:.1e}, effective rank {report['effective_rank']:.1f}",
+                 fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(run_dir / "embedding.png", dpi=80)
@@ -1269,6 +1274,10 @@ def parse_harness_args(argv):
              and getattr(args, a.dest, a.default) != a.default]
     if command == "lab" and given:
         parser.error(f"{' '.join(given)}: `lab` runs the README's commands as written, at the defaults")
+    if command == "lab" and any(a == "--seed" or a.startswith("--seed=") for a in argv[1:]):
+        parser.error(f"--seed: `lab` runs seeds {LAB_SEED} upward; choose how many with --seeds")
+    if command == "class" and not any(a == "--seed" or a.startswith("--seed=") for a in argv[1:]):
+        parser.error("--seed: `class` needs your own seed (600 + your number in the class)")
     if command == "pool":
         if (missing := [str(f) for f in args.folders if not f.is_dir()]):
             parser.error(f"{', '.join(missing)}: not a folder")
