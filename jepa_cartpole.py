@@ -25,8 +25,7 @@ The paper's four configurations (Section 3, Figure 3):
 
 This file is the method (Part 1, in the paper's order) and one run (Part 2). plots/experiments.py makes plots/.
 Shapes: N envs, T steps per env in a rollout, F (Fr in code) = 3 frames of H x W pixels, p x p pixels a patch, R x C
-patches a frame (P = R * C), L = 1 + F * P tokens (CLS first), D = d = width of s_x, nh heads of width hs = D / nh,
-A = 2 actions.
+patches a frame (P = R * C), L = 1 + F * P tokens (CLS first), D = d = width of s_x, nh heads of hs = D / nh, A actions.
 """
 
 import argparse
@@ -164,10 +163,8 @@ def make_envs(num_envs):  # N Cart Poles; RecordEpisodeStatistics puts each ende
 
 
 def ended_episodes(info, step):                      # [(step, return, length)] of the episodes ended at this step
-    if "episode" not in info:
-        return []
-    ended, episode = info["_episode"], info["episode"]
-    return [(step, float(r), int(n)) for r, n in zip(episode["r"][ended], episode["l"][ended])]
+    episode = info.get("episode", {"r": [], "l": []})   # only where one ended, with the mask info["_episode"]
+    return [(step, float(r), int(n)) for r, n, e in zip(episode["r"], episode["l"], info.get("_episode", [])) if e]
 
 
 def reset_pixels(envs, seed, render):
@@ -206,23 +203,20 @@ class Block(nn.Module):
         self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
 
-    def forward(self, x):                                             # (B, L, D)
+    def attention(self, x, queries):          # x (B, L, D) normed -> (B, Q, D): the first Q tokens, each over all L
         B, L, D = x.shape
-        qkv = self.qkv(self.norm1(x)).view(B, L, 3, self.heads, D // self.heads)   # (B, L, 3, nh, hs)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)                                         # each (B, nh, L, hs)
-        attended = F.scaled_dot_product_attention(q, k, v)      # (B, nh, L, hs): each token attends to all L
-        x = x + self.proj(attended.transpose(1, 2).flatten(2))  # (B, L, D)
+        q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)   # (B, nh, L, hs)
+        return self.proj(F.scaled_dot_product_attention(q[:, :, :queries], k, v).transpose(1, 2).flatten(2))
+
+    def forward(self, x):                                             # (B, L, D)
+        x = x + self.attention(self.norm1(x), queries=x.shape[1])     # every token asks: Q = L
         return x + self.mlp(self.norm2(x))
 
 
 def last_block_cls_only(block, x):
     """Speed, same result: after the last block only the CLS output is read, so there only the CLS token needs a
-    query, an attention output and an MLP; every token still gives keys and values. It equals block(x)[:, :1] (a
-    test); plots/README.md: Speed has the time it saves."""
-    B, L, D = x.shape
-    q, k, v = block.qkv(block.norm1(x)).view(B, L, 3, block.heads, D // block.heads).permute(2, 0, 3, 1, 4)
-    attended = F.scaled_dot_product_attention(q[:, :, :1], k, v)       # (B, nh, 1, hs): the CLS query only
-    cls = x[:, :1] + block.proj(attended.transpose(1, 2).flatten(2))   # (B, 1, D)
+    query and an MLP (every token still gives keys and values). It equals block(x)[:, :1] (a test)."""
+    cls = x[:, :1] + block.attention(block.norm1(x), queries=1)       # (B, 1, D)
     return cls + block.mlp(block.norm2(cls))
 
 
@@ -436,8 +430,7 @@ def training_step(nets, optimizer, mb, args):
 
 
 class ConsoleLog:
-    """The logger door: train() calls update(step, means, rollout) once per update and finish(nets) once. This one
-    prints a line per update with the mean return of the last `window` episodes; Part 2's RunLog also writes files."""
+    """The log door: train() calls update(step, means, rollout) per update, finish(nets) once. This one prints."""
 
     def __init__(self, window=20):
         self.window, self.start = window, time.time()
@@ -463,17 +456,21 @@ class ConsoleLog:
                 "final_mean_return": self.row["mean_return"], "return_window_episodes": self.window}
 
 
+def rollout_sizes(num_envs, num_steps, total_steps):
+    """(transitions per rollout, updates per run): whole rollouts, at least total_steps env steps."""
+    return num_envs * num_steps, math.ceil(total_steps / (num_envs * num_steps))
+
+
 def train(args, render=None, log=None):
-    """Train the agent of Part 1's flags; returns (summary, nets). The doors for Part 2 and plots/experiments.py:
-    render (physics (N, 4) -> frames (N, H, W)) draws every frame; log (ConsoleLog's methods) receives every update."""
+    """Train an agent -> (summary, nets). Two doors: render draws each frame, physics (N, 4) -> (N, H, W); log gets
+    each update (ConsoleLog's methods). Part 2 and plots/experiments.py pass their own."""
     # ---- set-up: seeds, environments, networks, optimiser
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     device = torch.device(args.device)
     H, W, N, T, D = args.image_height, args.image_width, args.num_envs, args.num_steps, args.embed_dim
-    batch_size = N * T                                               # transitions per rollout
-    num_updates = math.ceil(args.total_steps / batch_size)          # the learning-rate schedule's length
-    run_updates = math.ceil((args.stop_after or args.total_steps) / batch_size)   # --stop-after: its first part
+    batch_size, num_updates = rollout_sizes(N, T, args.total_steps)   # num_updates: the learning-rate schedule's
+    run_updates = rollout_sizes(N, T, args.stop_after or args.total_steps)[1]   # --stop-after: its first part
     log, render = log or ConsoleLog(), render or (lambda physics: render_frames(physics, H, W))
     envs = make_envs(N)
     nets = {k: net.to(device) for k, net in make_networks(args, envs.single_action_space.n).items()}
@@ -511,7 +508,8 @@ def train(args, render=None, log=None):
             global_step += N               # every env step, the autoreset steps too (one per finished episode)
             windows[t + 1], valid[t], rewards[t] = (torch.from_numpy(a) for a in (frame_stack, is_valid, reward))
             terminated[t], episode_end[t] = torch.from_numpy(term * 1.0), torch.from_numpy(ended * 1.0)
-            previous_episode_end, episodes = ended, episodes + ended_episodes(info, global_step)
+            previous_episode_end = ended
+            episodes += ended_episodes(info, global_step)
 
         # ---- 2. Advantages (GAE), and the JEPA targets s_y for the whole rollout.
         next_windows = windows[1:].flatten(0, 1)                    # (N*T, 3, H, W): the y-encoder's inputs
@@ -629,11 +627,6 @@ def parse_args(argv=None):
     return args
 
 
-def rollout_sizes(num_envs, num_steps, total_steps):
-    """(transitions per rollout, updates per run), as train() counts them: whole rollouts, at least total_steps."""
-    return num_envs * num_steps, math.ceil(total_steps / (num_envs * num_steps))
-
-
 def run_name(jepa, rl_grad, reg):
     return f"{'jepa' if jepa else 'nojepa'}-{'rlgrad' if rl_grad else 'norlgrad'}-{'reg' if reg else 'noreg'}"
 
@@ -733,9 +726,9 @@ class RunLog(ConsoleLog):
     """Part 1's logger door with a run folder, each row flushed as it comes (a killed run keeps what it did). Its
     `render`, train()'s render door, keeps the true state behind the last T + 1 frames for the on-policy probe."""
 
-    def __init__(self, args, frames=None):
+    def __init__(self, args):
         self.out, self.device, self.probe_theta, self.updates = args.out, args.device, float("nan"), 0
-        self.frames = frames or (lambda physics: render_frames(physics, args.image_height, args.image_width))
+        self.frames = lambda physics: render_frames(physics, args.image_height, args.image_width)
         self.drawn = collections.deque(maxlen=args.num_steps + 1)     # the physics behind the last T + 1 frames
         self.num_updates = rollout_sizes(args.num_envs, args.num_steps, args.stop_after or args.total_steps)[1]
         self.probe_set = make_probe_set(args.seed, args.image_height, args.image_width)

@@ -353,6 +353,16 @@ def method_flags(settings):
     return flags
 
 
+def run_flags(settings, seed, window, out):
+    """The whole flag list of one sweep run: its method flags, then one thread, its folder and the window."""
+    window = ["--window", str(window)] if window != 20 else []
+    return [*method_flags(settings), "--seed", str(seed), "--threads", "1", *window, "--out", str(out), "--overwrite"]
+
+
+def is_state_reference(job):
+    return getattr(job, "state_reference", False)              # the reference's jobs have their own few flags
+
+
 def sweep_job(args, kind, group, seed):
     """One run of a sweep: the flags of `python jepa_cartpole.py` that make it, parsed as that command parses them
     (so a run made by the sweep and one made by its printed command have the same config.json). For a Figure 3
@@ -368,21 +378,16 @@ def sweep_job(args, kind, group, seed):
         j, g, r, changes = COLLAPSE_ARMS[group] if kind == "collapse" else (*FIGURE3_CONFIGS[group][:3], {})
         setting = {**COLLAPSE_SETTING, **changes} if kind == "collapse" else {}
         settings = {**{k: getattr(args, k) for k in METHOD_FLAGS}, **setting, "jepa": j, "rl_grad": g, "reg": r}
-    window = ["--window", str(args.window)] if args.window != 20 else []
-    flags = [*method_flags(settings), "--seed", str(seed), "--threads", "1", *window, "--out", str(out), "--overwrite"]
-    return jc.add_run_flags(jc.build_parser()).parse_args(flags)
+    return jc.add_run_flags(jc.build_parser()).parse_args(run_flags(settings, seed, args.window, out))
 
 
 def command_line(job):
     """One run of a sweep as a shell command (from the repository's root) that writes the same run folder as the
     sweep would, then inspects it."""
-    if getattr(job, "state_reference", False):
+    if is_state_reference(job):
         return (f"python plots/experiments.py state-reference --seed {job.seed} --total-steps {job.total_steps}"
                 + (f" --window {job.window}" if job.window != 20 else "") + f" --out {job.out}")
-    settings = vars(job)
-    window = ["--window", str(job.window)] if job.window != 20 else []
-    flags = [*method_flags(settings), "--seed", str(job.seed), "--threads", "1", *window, "--out", str(job.out),
-             "--overwrite"]
+    flags = run_flags(vars(job), job.seed, job.window, job.out)
     return f"python jepa_cartpole.py {' '.join(flags)} && python plots/experiments.py inspect {job.out}"
 
 
@@ -392,7 +397,7 @@ def _sweep_worker(job):
     job.out.mkdir(parents=True, exist_ok=True)
     with open(job.out / "console.log", "w") as console:
         sys.stdout = console
-        if getattr(job, "state_reference", False):
+        if is_state_reference(job):
             train_state_reference(job.seed, job.total_steps, job.out, window=job.window)
         else:
             log = jc.RunLog(job)
@@ -403,7 +408,7 @@ def _sweep_worker(job):
 
 def planned_steps(job):
     """The env steps one run of a sweep will make: whole rollouts up to --stop-after or --total-steps."""
-    if getattr(job, "state_reference", False):
+    if is_state_reference(job):
         return math.prod(jc.rollout_sizes(STATE_REFERENCE["num_envs"], STATE_REFERENCE["num_steps"], job.total_steps))
     return math.prod(jc.rollout_sizes(job.num_envs, job.num_steps, job.stop_after or job.total_steps))
 
